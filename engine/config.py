@@ -1,0 +1,36 @@
+"""Engine configuration: one frozen tree, validated once. Values discovered at load time
+(pool size, context length, model shape) are returned in `ModelInfo`, never written back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # local mlx-lm dir, Hugging Face id, .gguf file; None = offline default
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int = 2 * GiB  # KV pool size, allocated once at startup
+    num_blocks: int | None = None  # overrides kv_cache_bytes (tests use tiny pools)
+    max_num_seqs: int = 64  # most requests running at once
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    max_model_len: int | None = None  # None = the model's own, capped by the pool
+    enable_prefix_caching: bool = True
+    dtype: str = "auto"  # auto = float32 on CPU (only float32 uses BLAS), checkpoint's own on GPU
+    seed: int = 0  # seeds sampling for requests without their own seed
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.block_size in (8, 16, 32, 64, 128), f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}"),
+            (self.kv_cache_bytes > 0, "kv_cache_bytes must be > 0"),
+            (self.num_blocks is None or self.num_blocks >= 2, "num_blocks must be >= 2"),
+            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
+            (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
+            (self.dtype in ("auto", "float32", "float16", "bfloat16"), f"unknown dtype {self.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

@@ -1,0 +1,93 @@
+"""Block tables per request on top of the BlockPool: prefix lookup, allocate, free.
+
+Token accounting for one request (block_size 4):
+
+    tokens    | p p p p | p p p p | p p o o | o . . . |
+    blocks    |   b5    |   b2    |   b8    |   b1    |
+              `--- full, cached under chained keys ---'  `- partial: never cached
+    key(b2) = (hash(key(b5)), tokens of b2, cache_salt)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from shoal.engine.block_pool import Block, BlockPool
+from shoal.engine.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.req_blocks: dict[str, list[Block]] = {}
+        self.req_keys: dict[str, list[Hashable]] = {}
+        self.num_cache_queries = 0  # tokens looked up in the prefix cache
+        self.num_cache_hits = 0  # tokens found there
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def get_computed_blocks(self, request: Request) -> list[Block]:
+        """Longest run of cached full blocks matching the request's tokens. Never covers the
+        last token: its logits must be computed."""
+        if not self.pool.enable_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        keys = self._keys(request, max_blocks)
+        hits: list[Block] = []
+        for key in keys[:max_blocks]:
+            block = self.pool.get_cached(key)
+            if block is None:
+                break
+            hits.append(block)
+        self.num_cache_queries += request.num_tokens
+        self.num_cache_hits += len(hits) * self.block_size
+        return hits
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       new_computed_blocks: list[Block] | None = None) -> bool:
+        """Grow the request's block table to hold its computed tokens, `new_computed_blocks`
+        (prefix hits, counted as computed) and `num_new_tokens` more. False, with nothing
+        changed, when the pool is too small."""
+        hits = new_computed_blocks or []
+        blocks = self.req_blocks.setdefault(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(hits) * self.block_size
+        num_needed = cdiv(num_computed + num_new_tokens, self.block_size) - len(blocks) - len(hits)
+        num_evictable_hits = sum(1 for b in hits if b.ref_cnt == 0)
+        if max(num_needed, 0) + num_evictable_hits > self.pool.num_free_blocks:
+            return False
+        self.pool.touch(hits)
+        blocks.extend(hits)
+        if num_needed > 0:
+            blocks.extend(self.pool.allocate(num_needed))
+        self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
+        return True
+
+    def free(self, request: Request) -> None:
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_keys.pop(request.request_id, None)
+        self.pool.free(reversed(blocks))
+
+    def _cache_full_blocks(self, request: Request, blocks: list[Block], num_tokens: int) -> None:
+        # Cached the moment they fill (once this step's tokens are written), so requests
+        # scheduled after this one, even in the same step, can hit them.
+        num_full = num_tokens // self.block_size
+        for block, key in zip(blocks[:num_full], self._keys(request, num_full)):
+            self.pool.cache_block(block, key)
+
+    def _keys(self, request: Request, num_blocks: int) -> list[Hashable]:
+        """Chained keys of the request's first `num_blocks` full blocks, extended lazily."""
+        keys = self.req_keys.setdefault(request.request_id, [])
+        if len(keys) >= num_blocks:
+            return keys
+        tokens = request.all_token_ids
+        bs = self.block_size
+        for i in range(len(keys), min(num_blocks, len(tokens) // bs)):
+            parent = hash(keys[-1]) if keys else None
+            keys.append((parent, tuple(tokens[i * bs:(i + 1) * bs]), request.cache_salt))
+        return keys

@@ -1,0 +1,50 @@
+"""Offline generation on the calling thread: schedule -> execute -> update until done.
+
+For scripts, tests and the offline benchmark. The server uses AsyncEngine, which runs the
+same three verbs with execute on its MLX thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from shoal.engine.config import EngineConfig
+from shoal.engine.model_runner import ModelRunner
+from shoal.engine.request import Request
+from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.scheduler import Scheduler, SchedulerConfig
+
+
+def scheduler_config(config: EngineConfig, runner: ModelRunner) -> SchedulerConfig:
+    info = runner.info
+    return SchedulerConfig(
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=info.max_model_len, block_size=info.block_size, num_blocks=info.num_blocks,
+        enable_prefix_caching=config.enable_prefix_caching)
+
+
+class LLM:
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None):
+        self.config = config
+        self.runner = runner or ModelRunner.load(config)
+        self.scheduler = Scheduler(scheduler_config(config, self.runner))
+        self._ids = itertools.count()
+
+    def add(self, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        request = Request(f"offline-{next(self._ids)}", prompt_token_ids, params,
+                          self.runner.info.eos_token_ids)
+        self.scheduler.add_request(request)
+        return request
+
+    def step(self) -> None:
+        sched = self.scheduler.schedule()
+        self.scheduler.update_from_output(sched, self.runner.execute(sched))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Output token ids per prompt, in order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        requests = [self.add(p, sp) for p, sp in zip(prompts, params)]
+        while self.scheduler.has_work():
+            self.step()
+        return [r.output_token_ids for r in requests]

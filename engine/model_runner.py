@@ -1,0 +1,181 @@
+"""The only owner of MLX state: weights, KV pools, the forward pass, sampling.
+
+Every method runs on one thread (the engine's MLX thread): MLX streams are thread-local and
+a graph built on one thread cannot be evaluated on another.
+
+One step is one forward over an (R, L) token array: R scheduled requests, each padded on
+the right to L, the longest query in the step (decode-only steps are (R, 1)). Indices for
+every layer's pool write, gather and mask are built once per step in numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from shoal.engine.config import EngineConfig
+from shoal.engine.loader import load_model
+from shoal.engine.outputs import ModelRunnerOutput, SchedulerOutput, ScheduledRequest
+from shoal.engine.paged_cache import PagedKVCache, StepContext
+from shoal.engine.sampler import Sampler, to_logprobs
+from shoal.kernels.paged_attention import build_step_indices
+
+log = logging.getLogger("shoal")
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: mx.Dtype
+
+    def bytes_per_block(self, block_size: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * block_size * self.dtype.size
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What loading discovered: returned to the engine, never written into the config."""
+
+    path: str
+    vocab_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    num_blocks: int  # including the null block
+    block_size: int
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    kv_cache_bytes: int
+
+
+class _ProbeCache:
+    """Records the K/V shape each layer produces for one token."""
+
+    offset = 0
+
+    def __init__(self):
+        self.shape: tuple[int, ...] | None = None
+        self.dtype = None
+
+    def make_mask(self, N: int, **kwargs):
+        return None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self.shape, self.dtype = keys.shape, keys.dtype
+        return keys, values
+
+
+def probe_kv_layout(model) -> KVLayout:
+    """Run one token through the model to learn its per-layer KV shape, whatever the
+    architecture calls its heads."""
+    if hasattr(model, "make_cache"):
+        from mlx_lm.models.cache import KVCache
+
+        if not all(type(c) is KVCache for c in model.make_cache()):
+            raise ValueError(f"{type(model).__module__}: only models with a plain KV cache per "
+                             "layer are supported (no sliding-window, SSM or hybrid layers)")
+    probes = [_ProbeCache() for _ in model.layers]
+    mx.eval(model(mx.array([[0]]), cache=probes))
+    shapes = {p.shape for p in probes}
+    if len(shapes) != 1 or None in shapes:
+        raise ValueError(f"layers disagree on KV shape: {shapes}")
+    _, num_kv_heads, _, head_dim = probes[0].shape
+    return KVLayout(len(probes), num_kv_heads, head_dim, probes[0].dtype)
+
+
+def _max_position(model) -> int | None:
+    args = getattr(model, "args", None)
+    return getattr(args, "max_position_embeddings", None)
+
+
+class ModelRunner:
+    def __init__(self, model, tokenizer, info: ModelInfo, layout: KVLayout, seed: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        num_slots = info.num_blocks * info.block_size
+        self.num_slots = num_slots
+        self.caches = [
+            PagedKVCache(mx.zeros((layout.num_kv_heads * num_slots, layout.head_dim), layout.dtype),
+                         mx.zeros((layout.num_kv_heads * num_slots, layout.head_dim), layout.dtype),
+                         layout.num_kv_heads)
+            for _ in range(layout.num_layers)
+        ]
+        mx.eval([c.state for c in self.caches])
+        self.sampler = Sampler(info.vocab_size, seed)
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> ModelRunner:
+        model, tokenizer, path = load_model(config.model, config.dtype)
+        return cls.from_model(model, tokenizer, config, str(path))
+
+    @classmethod
+    def from_model(cls, model, tokenizer, config: EngineConfig, path: str = "") -> ModelRunner:
+        layout = probe_kv_layout(model)
+        per_block = layout.bytes_per_block(config.block_size)
+        num_blocks = config.num_blocks or max(2, config.kv_cache_bytes // per_block)
+        capacity = (num_blocks - 1) * config.block_size
+        max_model_len = config.max_model_len or min(_max_position(model) or capacity, capacity)
+        logits = model(mx.array([[0]]))
+        info = ModelInfo(
+            path=path, vocab_size=logits.shape[-1], num_layers=layout.num_layers,
+            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+            dtype=str(layout.dtype).removeprefix("mlx.core."), num_blocks=num_blocks,
+            block_size=config.block_size, max_model_len=max_model_len,
+            eos_token_ids=frozenset(tokenizer.eos_token_ids), kv_cache_bytes=num_blocks * per_block)
+        return cls(model, tokenizer, info, layout, config.seed)
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """One forward over every scheduled request, then one batched sample."""
+        self.sampler.forget(sched.finished_request_ids)
+        rows = sched.scheduled
+        if not rows:
+            return ModelRunnerOutput(())
+        logits = self._forward(rows)
+        sample_idx = [i for i, r in enumerate(rows) if r.sample]
+        pools = [c.state for c in self.caches]
+        if not sample_idx:
+            mx.eval(pools)
+            return ModelRunnerOutput((None,) * len(rows))
+        sample_rows = [rows[i] for i in sample_idx]
+        batch = self.sampler.prepare(sample_rows)
+        tokens, chosen, top = self.sampler.sample(logits[mx.array(sample_idx)], batch)
+        mx.eval([a for a in (tokens, chosen, top) if a is not None], pools)
+        tokens_np = np.array(tokens)
+        logprobs = None
+        if chosen is not None:
+            top_np = (np.array(top[0]), np.array(top[1])) if top is not None else None
+            logprobs = self._align(rows, sample_idx, to_logprobs(tokens_np, np.array(chosen), top_np, batch, sample_rows))
+        return ModelRunnerOutput(self._align(rows, sample_idx, tokens_np.tolist()), logprobs)
+
+    def _forward(self, rows: tuple[ScheduledRequest, ...]) -> mx.array:
+        """Logits (R, V) at each row's last scheduled token."""
+        lengths = [len(r.token_ids) for r in rows]
+        tokens = np.zeros((len(rows), max(lengths)), dtype=np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, :lengths[i]] = r.token_ids
+        idx = build_step_indices([r.block_ids for r in rows], [r.start_pos for r in rows], lengths,
+                                 self.info.block_size, self.num_slots, self.info.num_kv_heads)
+        ctx = StepContext.from_indices(idx)
+        for cache in self.caches:
+            cache.ctx = ctx
+        logits = self.model(mx.array(tokens), cache=self.caches)
+        return logits[mx.arange(len(rows)), mx.array(lengths) - 1]
+
+    @staticmethod
+    def _align(rows, sample_idx: list[int], values: list) -> tuple:
+        out = [None] * len(rows)
+        for i, value in zip(sample_idx, values):
+            out[i] = value
+        return tuple(out)
+
+    def close(self) -> None:
+        """Finish pending MLX work; required before the MLX thread ends."""
+        mx.synchronize()
+        mx.clear_streams()

@@ -1,0 +1,209 @@
+"""vLLM-v1-style scheduler: one token budget per step covers decodes, prefill chunks,
+prefix hits and recompute after preemption. Pure Python: no MLX, no asyncio.
+
+Each step: running requests first (oldest first), each taking the tokens it has not
+computed yet; when blocks run out, the most recently admitted running request is
+preempted (blocks freed, recomputed later). Then, if nothing was preempted, waiting
+requests are admitted in FCFS order with what is left of the budget.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from shoal.engine.block_pool import BlockPool
+from shoal.engine.kv_cache_manager import KVCacheManager
+from shoal.engine.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, StepOutput
+from shoal.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int  # including the null block
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if (self.num_blocks - 1) * self.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV pool holds {(self.num_blocks - 1) * self.block_size} tokens, fewer than "
+                f"max_model_len={self.max_model_len}: raise the KV memory or lower max_model_len")
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission)
+    num_generation_tokens: int = 0
+    num_computed_tokens: int = 0  # tokens run through the model, recompute included
+    step_tokens: list[int] = field(default_factory=list)  # batched tokens per step, drained by stats
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.pool = BlockPool(config.num_blocks, config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool, config.block_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+        self._finished_ids: list[str] = []  # told to the runner at the next step
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._finished_ids)
+
+    def add_request(self, request: Request) -> None:
+        if request.num_tokens >= self.config.max_model_len:
+            raise ValueError(f"prompt of {request.num_tokens} tokens leaves no room to generate "
+                             f"within max_model_len={self.config.max_model_len}")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+                i += 1
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        return self._make_output(scheduled)
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hits = self.kv.get_computed_blocks(request)
+            num_cached = len(hits) * self.config.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.popleft()
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_cached
+                self.stats.num_prompt_tokens += request.num_prompt_tokens
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        return budget
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        return min(request.num_tokens - request.num_computed_tokens, budget)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        end = start + num_new
+        params = request.params
+        banned: tuple[int, ...] = ()
+        if request.num_output_tokens < params.min_tokens:
+            eos = () if params.ignore_eos else tuple(request.eos_token_ids)
+            banned = eos + params.stop_token_ids
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=tuple(request.all_token_ids[start:end]),
+            start_pos=start,
+            block_ids=tuple(self.kv.block_ids(request.request_id)),
+            sample=end == request.num_tokens,
+            params=params,
+            history=tuple(request.all_token_ids) if params.uses_penalties else None,
+            num_prompt_tokens=request.num_prompt_tokens,
+            banned_token_ids=banned,
+        )
+
+    def _make_output(self, scheduled: list[ScheduledRequest]) -> SchedulerOutput:
+        for s in scheduled:
+            self.requests[s.request_id].num_computed_tokens += len(s.token_ids)
+        num_tokens = sum(len(s.token_ids) for s in scheduled)
+        self.stats.num_computed_tokens += num_tokens
+        if scheduled:
+            self.stats.step_tokens.append(num_tokens)
+        finished, self._finished_ids = tuple(self._finished_ids), []
+        return SchedulerOutput(scheduled=tuple(scheduled), num_batched_tokens=num_tokens,
+                               finished_request_ids=finished)
+
+    def update_from_output(self, sched: SchedulerOutput,
+                           result: ModelRunnerOutput) -> list[StepOutput]:
+        """Append sampled tokens, apply stop checks, free finished requests' blocks."""
+        outputs = []
+        for s, token, logprobs in zip(sched.scheduled, result.sampled_token_ids,
+                                      result.logprobs or [None] * len(sched.scheduled)):
+            request = self.requests.get(s.request_id)
+            # Aborted while the step ran, or a chunk that did not reach the end: nothing to emit.
+            if request is None or request.status != RequestStatus.RUNNING or token is None:
+                continue
+            request.append_output_token(token)
+            self.stats.num_generation_tokens += 1
+            status = self._check_stop(request, token)
+            if status is not None:
+                self._finish(request, status)
+            outputs.append(StepOutput(request, (token,), (logprobs,) if logprobs else ()))
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        # EOS and stop ids below min_tokens never get here: the sampler bans them.
+        params = request.params
+        if not params.ignore_eos and token in request.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if token in params.stop_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if (request.num_output_tokens >= params.max_tokens
+                or request.num_tokens >= self.config.max_model_len):
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish requests from outside the step (abort, stop string, error). Unknown or
+        already finished ids are ignored."""
+        done = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.status.finished:
+                continue
+            self._finish(request, status)
+            done.append(request)
+        return done
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+        self._finished_ids.append(request.request_id)
+

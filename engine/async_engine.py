@@ -1,0 +1,219 @@
+"""The asyncio face of the engine: a step-loop task, per-request streams, abort.
+
+    HTTP handlers --generate()--> Scheduler (asyncio thread) --SchedulerOutput--> MLX thread
+         ^                                                                        |
+         '---- per-request asyncio.Queue <-- detokenize, stop strings <-- ModelRunnerOutput
+
+The scheduler, block pool and streams are touched only on the event loop; the runner only on
+its one MLX thread. Every request's stream ends with exactly one finished delta (stop,
+length, abort or error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from shoal.engine.config import EngineConfig
+from shoal.engine.llm import scheduler_config
+from shoal.engine.model_runner import ModelInfo, ModelRunner
+from shoal.engine.output_processor import RequestDetokenizer
+from shoal.engine.outputs import RequestOutput, StepOutput
+from shoal.engine.request import Request, RequestStatus
+from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.scheduler import Scheduler
+
+log = logging.getLogger("shoal")
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop died; the engine serves no more requests."""
+
+
+@dataclass
+class RequestTimes:
+    arrival: float
+    scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    token_gaps: list[float] = field(default_factory=list)
+
+
+class _Stream:
+    __slots__ = ("request", "queue", "detok", "finished", "times")
+
+    def __init__(self, request: Request, detok: RequestDetokenizer):
+        self.request = request
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.detok = detok
+        self.finished = False
+        self.times = RequestTimes(request.arrival_time)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, runner_factory: Callable[[], ModelRunner] | None = None):
+        self.config = config
+        self._runner_factory = runner_factory or (lambda: ModelRunner.load(config))
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="shoal-mlx")
+        self._streams: dict[str, _Stream] = {}
+        self._wakeup = asyncio.Event()
+        self._ids = itertools.count()
+        self._loop_task: asyncio.Task | None = None
+        self.dead_error: BaseException | None = None
+        self.runner: ModelRunner | None = None
+        self.scheduler: Scheduler | None = None
+        self.on_finished: list[Callable[[Request, RequestTimes], None]] = []  # metrics hooks
+
+    async def start(self) -> AsyncEngine:
+        self.runner = await self._on_mlx(self._runner_factory)
+        self.scheduler = Scheduler(scheduler_config(self.config, self.runner))
+        self._loop_task = asyncio.create_task(self._step_loop(), name="shoal-step-loop")
+        info = self.info
+        log.info("engine ready: %s, %d layers, %s, KV pool %d blocks x %d tokens (%.2f GiB), "
+                 "max_model_len %d", info.path, info.num_layers, info.dtype, info.num_blocks - 1,
+                 info.block_size, info.kv_cache_bytes / 2**30, info.max_model_len)
+        return self
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.runner.info
+
+    @property
+    def tokenizer(self):
+        return self.runner.tokenizer
+
+    @property
+    def is_alive(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done() and self.dead_error is None
+
+    async def _on_mlx(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream deltas for one request. Raises ValueError before the first delta when the
+        request cannot fit; leaving the iterator early (disconnect, cancel) aborts it."""
+        stream = self.add_request(prompt_token_ids, params, request_id, cache_salt)
+        try:
+            while True:
+                output = await stream.queue.get()
+                yield output
+                if output.finished:
+                    return
+        finally:
+            if not stream.finished:
+                self.abort(stream.request.request_id)
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None, cache_salt: str | None = None) -> _Stream:
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running") from self.dead_error
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.info.vocab_size for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.info.vocab_size})")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        request = Request(request_id, prompt_token_ids, params, self.info.eos_token_ids,
+                          cache_salt=cache_salt)
+        self.scheduler.add_request(request)
+        stream = self._streams[request_id] = _Stream(request, RequestDetokenizer(self.tokenizer, request))
+        self._wakeup.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its blocks are freed and its stream gets a final abort delta."""
+        for request in self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED):
+            self._finish_stream(request)
+        self._wakeup.set()
+
+    async def _step_loop(self) -> None:
+        try:
+            while True:
+                if not self.scheduler.has_work():
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                sched = self.scheduler.schedule()
+                self._mark_scheduled(sched)
+                result = await self._on_mlx(self.runner.execute, sched)
+                self._publish(self.scheduler.update_from_output(sched, result))
+                if not sched.scheduled:  # nothing fits now: wait for an abort or a new request
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every stream must hear about it
+            log.exception("engine step failed; failing all requests")
+            self.dead_error = exc
+            self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
+
+    def _mark_scheduled(self, sched) -> None:
+        now = time.monotonic()
+        for s in sched.scheduled:
+            stream = self._streams.get(s.request_id)
+            if stream is not None and stream.times.scheduled is None:
+                stream.times.scheduled = now
+
+    def _publish(self, outputs: list[StepOutput]) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            stream = self._streams.get(out.request.request_id)
+            if stream is None:
+                continue
+            times = stream.times
+            if times.first_token is None:
+                times.first_token = now
+            else:
+                times.token_gaps.append(now - times.last_token)
+            times.last_token = now
+            delta = stream.detok.add(out.request, out.new_token_ids)
+            if delta.stop_string is not None:
+                out.request.stop_reason = delta.stop_string
+                self.scheduler.finish_requests([out.request.request_id], RequestStatus.FINISHED_STOPPED)
+            self._emit(stream, out.new_token_ids, delta.text, out.logprobs)
+
+    def _emit(self, stream: _Stream, token_ids: tuple[int, ...], text: str, logprobs=(), error: str | None = None) -> None:
+        request = stream.request
+        finished = request.status.finished
+        stream.queue.put_nowait(RequestOutput(
+            request_id=request.request_id, new_token_ids=token_ids, new_text=text, finished=finished,
+            finish_reason=request.finish_reason, num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens, num_output_tokens=request.num_output_tokens,
+            logprobs=logprobs, stop_reason=request.stop_reason, error=error))
+        if finished:
+            stream.finished = True
+            del self._streams[request.request_id]
+            for hook in self.on_finished:
+                hook(request, stream.times)
+
+    def _finish_stream(self, request: Request, error: str | None = None) -> None:
+        stream = self._streams.get(request.request_id)
+        if stream is not None and not stream.finished:
+            self._emit(stream, (), "", error=error)
+
+    def _fail_all(self, message: str) -> None:
+        for stream in list(self._streams.values()):
+            request = stream.request
+            if not request.status.finished:
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ERROR)
+            self._finish_stream(request, error=message)
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.scheduler is not None:
+            self._fail_all("the server is shutting down")
+        if self.runner is not None:
+            await self._on_mlx(self.runner.close)
+        self._executor.shutdown(wait=True)

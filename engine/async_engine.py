@@ -44,15 +44,33 @@ class RequestTimes:
     token_gaps: list[float] = field(default_factory=list)
 
 
-class _Stream:
-    __slots__ = ("request", "queue", "detok", "finished", "times")
+class RequestStream:
+    """A request's deltas. Iterate it once; leaving early (disconnect, cancel) aborts it."""
 
-    def __init__(self, request: Request, detok: RequestDetokenizer):
+    __slots__ = ("request", "queue", "detok", "finished", "times", "_abort")
+
+    def __init__(self, request: Request, detok: RequestDetokenizer, abort: Callable[[str], None]):
         self.request = request
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.detok = detok
         self.finished = False
         self.times = RequestTimes(request.arrival_time)
+        self._abort = abort
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                output = await self.queue.get()
+                yield output
+                if output.finished:
+                    return
+        finally:
+            if not self.finished:
+                self._abort(self.request.request_id)
 
 
 class AsyncEngine:
@@ -60,7 +78,7 @@ class AsyncEngine:
         self.config = config
         self._runner_factory = runner_factory or (lambda: ModelRunner.load(config))
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="shoal-mlx")
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._wakeup = asyncio.Event()
         self._ids = itertools.count()
         self._loop_task: asyncio.Task | None = None
@@ -96,21 +114,14 @@ class AsyncEngine:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream deltas for one request. Raises ValueError before the first delta when the
-        request cannot fit; leaving the iterator early (disconnect, cancel) aborts it."""
-        stream = self.add_request(prompt_token_ids, params, request_id, cache_salt)
-        try:
-            while True:
-                output = await stream.queue.get()
-                yield output
-                if output.finished:
-                    return
-        finally:
-            if not stream.finished:
-                self.abort(stream.request.request_id)
+        """Stream deltas for one request (add_request, then iterate its stream)."""
+        async for output in self.add_request(prompt_token_ids, params, request_id, cache_salt):
+            yield output
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None, cache_salt: str | None = None) -> _Stream:
+                    request_id: str | None = None, cache_salt: str | None = None) -> RequestStream:
+        """Validate and queue a request. Raises ValueError (empty prompt, ids out of the
+        vocabulary, too long for max_model_len, duplicate id) or EngineDeadError at once."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running") from self.dead_error
         if not prompt_token_ids:
@@ -123,7 +134,8 @@ class AsyncEngine:
         request = Request(request_id, prompt_token_ids, params, self.info.eos_token_ids,
                           cache_salt=cache_salt)
         self.scheduler.add_request(request)
-        stream = self._streams[request_id] = _Stream(request, RequestDetokenizer(self.tokenizer, request))
+        stream = RequestStream(request, RequestDetokenizer(self.tokenizer, request), self.abort)
+        self._streams[request_id] = stream
         self._wakeup.set()
         return stream
 
@@ -179,7 +191,7 @@ class AsyncEngine:
                 self.scheduler.finish_requests([out.request.request_id], RequestStatus.FINISHED_STOPPED)
             self._emit(stream, out.new_token_ids, delta.text, out.logprobs)
 
-    def _emit(self, stream: _Stream, token_ids: tuple[int, ...], text: str, logprobs=(), error: str | None = None) -> None:
+    def _emit(self, stream: RequestStream, token_ids: tuple[int, ...], text: str, logprobs=(), error: str | None = None) -> None:
         request = stream.request
         finished = request.status.finished
         stream.queue.put_nowait(RequestOutput(

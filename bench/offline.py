@@ -1,0 +1,106 @@
+"""Offline generation throughput: Shoal vs mlx-lm's BatchGenerator vs mlx-lm one request at
+a time, same model, same prompts, same BLAS, one process.
+
+    python -m shoal.bench.offline --batch-sizes 1 4 8 16 32
+
+Every system generates exactly --max-tokens greedy tokens per prompt (EOS ignored). The
+one-at-a-time peer runs min(batch, --single-cap) requests: its throughput does not depend on
+the batch size, and running all of them would dominate the benchmark's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shoal.engine.platform import preload_blas
+
+
+def run_shoal(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    from shoal.engine.config import EngineConfig
+    from shoal.engine.llm import LLM
+    from shoal.engine.model_runner import ModelRunner
+    from shoal.engine.sampling_params import SamplingParams
+
+    config = EngineConfig(max_num_seqs=max(len(prompts), 1), kv_cache_bytes=4 * 2**30,
+                          max_model_len=2048, enable_prefix_caching=False)
+    runner = ModelRunner.from_model(model, tokenizer, config)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    LLM(config, runner).generate([p[:8] for p in prompts], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    llm = LLM(config, runner)
+    start = time.perf_counter()
+    tokens = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    total = sum(len(t) for t in tokens)
+    return {"output_tokens": total, "seconds": seconds, "tok_per_s": total / seconds, "tokens": tokens,
+            "steps": len(llm.scheduler.stats.step_tokens)}
+
+
+def load_bench_model(model_arg: str):
+    from mlx_lm import load
+
+    if model_arg == "smollm2-shape":
+        from shoal.bench.random_model import make_random_model, smollm2_shape
+        from shoal.engine.default_model import default_cache_dir
+
+        path = make_random_model(default_cache_dir() / "bench-models" / "smollm2-shape", "llama", **smollm2_shape())
+    else:
+        from shoal.engine.loader import resolve_model_path
+
+        path = resolve_model_path(None if model_arg == "default" else model_arg)
+    from shoal.engine.loader import load_model
+
+    model, tokenizer, _ = load_model(str(path))
+    return model, tokenizer, str(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-shape", help="smollm2-shape (random weights), default, or a model path")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--systems", nargs="+", default=["shoal", "mlx_lm_batch", "mlx_lm_single"])
+    parser.add_argument("--single-cap", type=int, default=2)
+    parser.add_argument("--blas", default="auto")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    blas = preload_blas(args.blas)
+    from shoal.bench.offline_peers import random_prompts, run_mlx_lm_batch, run_mlx_lm_single
+
+    model, tokenizer, path = load_bench_model(args.model)
+    runners = {"shoal": run_shoal, "mlx_lm_batch": lambda m, t, p, n: run_mlx_lm_batch(m, p, n),
+               "mlx_lm_single": lambda m, t, p, n: run_mlx_lm_single(m, p[:args.single_cap], n)}
+    print(f"# {blas}; model {path}; {platform.machine()} {platform.processor() or ''}; "
+          f"prompt {args.prompt_len}, new tokens {args.max_tokens}", flush=True)
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = random_prompts(batch, args.prompt_len, 49152 if args.model == "smollm2-shape" else 10000, seed=batch)
+        row: dict[str, Any] = {"batch": batch}
+        for name in args.systems:
+            result = runners[name](model, tokenizer, prompts, args.max_tokens)
+            row[name] = round(result["tok_per_s"], 2)
+            print(f"batch {batch:3d} {name:14s} {result['tok_per_s']:8.2f} tok/s ({result['seconds']:.1f} s)", flush=True)
+        rows.append(row)
+    print_table(rows, args.systems)
+    if args.json:
+        args.json.write_text(json.dumps({"blas": blas, "model": path, "args": vars(args) | {"json": str(args.json)},
+                                         "rows": rows}, indent=2))
+
+
+def print_table(rows: list[dict[str, Any]], systems: list[str]) -> None:
+    print("\n| batch | " + " | ".join(f"{s} tok/s" for s in systems) + " | shoal / batch | shoal / single |")
+    print("|---" * (len(systems) + 3) + "|")
+    for row in rows:
+        ratio = lambda peer: f"{row['shoal'] / row[peer]:.2f}" if "shoal" in row and peer in row else "-"
+        cells = " | ".join(f"{row.get(s, '-')}" for s in systems)
+        print(f"| {row['batch']} | {cells} | {ratio('mlx_lm_batch')} | {ratio('mlx_lm_single')} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

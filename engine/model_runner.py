@@ -3,9 +3,12 @@
 Every method runs on one thread (the engine's MLX thread): MLX streams are thread-local and
 a graph built on one thread cannot be evaluated on another.
 
-One step is one forward over an (R, L) token array: R scheduled requests, each padded on
-the right to L, the longest query in the step (decode-only steps are (R, 1)). Indices for
-every layer's pool write, gather and mask are built once per step in numpy.
+A forward runs over an (R, L) token array: R scheduled requests, each padded on the right
+to L, its longest query; indices for every layer's pool write, gather and mask are built
+once per forward in numpy. Decode-only steps are one (R, 1) forward. A step that mixes
+prompt chunks of very different lengths is split into a few forwards (see `plan_forwards`)
+so padding never costs more than a quarter of the real work; all of them are evaluated as
+one graph.
 """
 
 from __future__ import annotations
@@ -104,6 +107,31 @@ def split_head(model):
     return model.model, model.lm_head
 
 
+MAX_PADDING = 0.25  # padded tokens allowed per real token in one forward
+
+
+def plan_forwards(lengths: list[int]) -> list[list[int]]:
+    """Group row indices into forwards. Prompt chunks (length > 1) keep schedule order, so a
+    request that hit prefix blocks first computed in this same step always runs after (or
+    with) the request computing them: within a forward every layer writes before it reads.
+    Single-token rows, decodes or a prompt whose prefix is all cached, go last, together."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i, n in enumerate(lengths):
+        if n == 1:
+            continue
+        candidate = current + [i]
+        real = sum(lengths[j] for j in candidate)
+        if current and len(candidate) * max(lengths[j] for j in candidate) > real * (1 + MAX_PADDING):
+            groups.append(current)
+            candidate = [i]
+        current = candidate
+    if current:
+        groups.append(current)
+    singles = [i for i, n in enumerate(lengths) if n == 1]
+    return groups + [singles] if singles else groups
+
+
 def _max_position(model) -> int | None:
     args = getattr(model, "args", None)
     return getattr(args, "max_position_embeddings", None)
@@ -171,7 +199,15 @@ class ModelRunner:
         return ModelRunnerOutput(self._align(rows, sample_idx, tokens_np.tolist()), logprobs)
 
     def _forward(self, rows: tuple[ScheduledRequest, ...]) -> mx.array:
-        """Logits (R, V) at each row's last scheduled token."""
+        """Logits (R, V) at each row's last scheduled token, in row order."""
+        groups = plan_forwards([len(r.token_ids) for r in rows])
+        if len(groups) == 1:
+            return self._forward_group(rows)
+        logits = mx.concatenate([self._forward_group([rows[i] for i in g]) for g in groups])
+        order = np.argsort(np.concatenate(groups))
+        return logits[mx.array(order)]
+
+    def _forward_group(self, rows) -> mx.array:
         lengths = [len(r.token_ids) for r in rows]
         tokens = np.zeros((len(rows), max(lengths)), dtype=np.int32)
         for i, r in enumerate(rows):

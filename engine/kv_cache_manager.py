@@ -45,9 +45,13 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.num_cache_queries += request.num_tokens
-        self.num_cache_hits += len(hits) * self.block_size
         return hits
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's lookup (tokens), once, however long it waited."""
+        if self.pool.enable_caching:
+            self.num_cache_queries += num_tokens
+            self.num_cache_hits += num_hit_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[Block] | None = None) -> bool:

@@ -102,6 +102,7 @@ class Scheduler:
             if not self.kv.allocate_slots(request, num_new, hits):
                 break
             self.waiting.popleft()
+            self.kv.record_lookup(request.num_tokens, num_cached)
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached
                 self.stats.num_prompt_tokens += request.num_prompt_tokens

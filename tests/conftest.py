@@ -22,6 +22,11 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
         "qwen3": make_random_model(root / "qwen3", "qwen3", hidden_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                                    intermediate_size=128),
+        "qwen2": make_random_model(root / "qwen2", "qwen2", hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
+        "mistral": make_random_model(root / "mistral", "mistral", hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                     seed=3, tie_word_embeddings=False),
     }
 
 

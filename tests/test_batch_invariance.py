@@ -50,3 +50,14 @@ def test_all_at_once_with_chunked_prefill(loaded):
     config = EngineConfig(max_num_batched_tokens=64, block_size=8, max_model_len=512)
     llm = LLM(config, ModelRunner.from_model(model, tokenizer, config))
     assert llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12)) == expected
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_families_match(loaded, family):
+    model, tokenizer = loaded[family]
+    prompts = random_prompts(6, 1, 120, vocab=256, seed=12)
+    max_tokens = [5, 17, 9, 23, 2, 12]
+    expected = [reference_greedy(model, p, n, tokenizer.eos_token_ids) for p, n in zip(prompts, max_tokens)]
+    config = EngineConfig(num_blocks=64, max_num_batched_tokens=64, block_size=16, max_model_len=256)
+    llm = LLM(config, ModelRunner.from_model(model, tokenizer, config))
+    assert run_staggered(llm, prompts, max_tokens, arrive_every=2) == expected

@@ -148,17 +148,18 @@ class AsyncEngine:
     async def _step_loop(self) -> None:
         try:
             while True:
+                # Clear before reading the scheduler's state: a request added at any later
+                # point sets the event again, so no wakeup is lost.
+                self._wakeup.clear()
                 if not self.scheduler.has_work():
-                    self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
                 sched = self.scheduler.schedule()
                 self._mark_scheduled(sched)
                 result = await self._on_mlx(self.runner.execute, sched)
                 self._publish(self.scheduler.update_from_output(sched, result))
-                if not sched.scheduled:  # nothing fits now: wait for an abort or a new request
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                if not sched.scheduled and self.scheduler.num_unfinished:
+                    await self._wakeup.wait()  # nothing fits now: wait for an abort or a new request
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every stream must hear about it
@@ -203,7 +204,10 @@ class AsyncEngine:
             stream.finished = True
             del self._streams[request.request_id]
             for hook in self.on_finished:
-                hook(request, stream.times)
+                try:
+                    hook(request, stream.times)
+                except Exception:  # noqa: BLE001 - a metrics hook must not take the engine down
+                    log.exception("on_finished hook failed")
 
     def _finish_stream(self, request: Request, error: str | None = None) -> None:
         stream = self._streams.get(request.request_id)

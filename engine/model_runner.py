@@ -164,8 +164,13 @@ class ModelRunner:
         layout = probe_kv_layout(model)
         per_block = layout.bytes_per_block(config.block_size)
         num_blocks = config.num_blocks or max(2, config.kv_cache_bytes // per_block)
+        wanted_len = config.max_model_len or _max_position(model)
+        if config.num_blocks is None and wanted_len:
+            # No more than max_num_seqs full-length sequences can use: small models would
+            # otherwise allocate (and zero) gigabytes they never touch.
+            num_blocks = min(num_blocks, config.max_num_seqs * -(-wanted_len // config.block_size) + 1)
         capacity = (num_blocks - 1) * config.block_size
-        max_model_len = config.max_model_len or min(_max_position(model) or capacity, capacity)
+        max_model_len = config.max_model_len or min(wanted_len or capacity, capacity)
         logits = model(mx.array([[0]]))
         info = ModelInfo(
             path=path, vocab_size=logits.shape[-1], num_layers=layout.num_layers,

@@ -43,7 +43,8 @@ class SchedulerStats:
     num_prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission)
     num_generation_tokens: int = 0
     num_computed_tokens: int = 0  # tokens run through the model, recompute included
-    step_tokens: list[int] = field(default_factory=list)  # batched tokens per step, drained by stats
+    # Batched tokens per step, drained by the metrics scrape; bounded if nobody scrapes.
+    step_tokens: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
 
 
 class Scheduler:

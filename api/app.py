@@ -1,0 +1,65 @@
+"""The FastAPI app: its lifespan owns the engine (start, metrics hook, shutdown) and keeps
+everything the routes need on `app.state.server`; nothing lives at module level."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from shoal import __version__
+from shoal.api import openai, system, tokenize
+from shoal.api.config import ServerConfig
+from shoal.api.errors import install_error_handlers
+from shoal.api.metrics import ServerMetrics
+from shoal.api.request_id import RequestIdMiddleware
+from shoal.api.served_model import ServedModel
+from shoal.api.state import ServerState
+from shoal.engine.async_engine import AsyncEngine
+from shoal.engine.config import EngineConfig
+
+log = logging.getLogger("shoal")
+EngineFactory = Callable[[], Awaitable[AsyncEngine]]
+
+
+def create_app(config: ServerConfig, engine_config: EngineConfig,
+               engine_factory: EngineFactory | None = None) -> FastAPI:
+    """The server app. The engine starts in the lifespan (so /health answers only once the
+    model is loaded); `engine_factory` replaces `AsyncEngine(engine_config).start()`."""
+    factory = engine_factory or (lambda: AsyncEngine(engine_config).start())
+    app = FastAPI(title="Shoal", version=__version__, lifespan=_lifespan(config, engine_config, factory),
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    for router in (system.open_router, system.protected_router, openai.router, tokenize.router):
+        app.include_router(router)
+    return app
+
+
+def _lifespan(config: ServerConfig, engine_config: EngineConfig, factory: EngineFactory):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = await factory()
+        info = engine.info
+        model = ServedModel.from_path(info.path, config.served_model_name, config.aliases,
+                                      info.max_model_len)
+        metrics = ServerMetrics(engine, model.name, info.max_model_len)
+        app.state.server = ServerState(engine, config, model, metrics)
+        log_limits(model, engine_config, config)
+        try:
+            yield
+        finally:
+            metrics.close()
+            await engine.shutdown()
+
+    return lifespan
+
+
+def log_limits(model: ServedModel, engine_config: EngineConfig, config: ServerConfig) -> None:
+    log.info("serving %s as %s; max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, "
+             "prefix caching %s, API key %s", model.root, " / ".join(model.names),
+             model.max_model_len, engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
+             "on" if engine_config.enable_prefix_caching else "off",
+             "required" if config.api_keys else "not required")

@@ -1,0 +1,27 @@
+"""HTTP-side configuration: names, keys and limits. Frozen and validated once, like
+`EngineConfig`; the engine's own knobs stay there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str | None = None  # None = the model directory's name
+    aliases: tuple[str, ...] = ()  # extra names accepted in `model`
+    api_keys: tuple[str, ...] = ()  # empty = no authentication
+    max_request_bytes: int = 8 * MiB  # larger bodies get 413 before they are parsed
+    max_n: int = 128  # most choices per request (OpenAI's own cap)
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be >= 1024")
+        if self.max_n < 1:
+            raise ValueError("max_n must be >= 1")
+        if any(not key for key in self.api_keys):
+            raise ValueError("API keys must be non-empty")
+        if any(not name for name in self.aliases) or self.served_model_name == "":
+            raise ValueError("model names must be non-empty")

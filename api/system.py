@@ -1,0 +1,42 @@
+"""Operational routes: liveness, version, Prometheus metrics, and the root probe."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from shoal import __version__
+from shoal.api.auth import require_api_key
+from shoal.api.errors import error_response
+from shoal.api.metrics import CONTENT_TYPE
+from shoal.api.serving import json_response
+from shoal.api.state import server_state
+
+# Open even with an API key: probes carry no secret and learn only up/down.
+open_router = APIRouter()
+protected_router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@open_router.get("/health")
+async def health(request: Request) -> Response:
+    """200 while the engine's step loop runs; 503 once it has died."""
+    if not server_state(request).engine.is_alive:
+        return error_response(503, "The engine is not running.")
+    return Response(status_code=200)
+
+
+@open_router.api_route("/", methods=["GET", "HEAD"])
+async def root(request: Request) -> Response:
+    # Some clients (Claude Code among them) probe `HEAD /` before using the API.
+    return json_response({"status": "ok", "model": server_state(request).model.name})
+
+
+@protected_router.get("/version")
+async def version() -> Response:
+    return json_response({"version": __version__})
+
+
+@protected_router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    # `async def` on purpose: the collector reads the scheduler, which lives on the event loop.
+    return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE)

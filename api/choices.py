@@ -32,14 +32,15 @@ class ChoiceStreams:
 
     @classmethod
     def start(cls, engine: AsyncEngine, prompts: Sequence[list[int]],
-              params: Sequence[Sequence[SamplingParams]], request_id: str) -> ChoiceStreams:
+              params: Sequence[Sequence[SamplingParams]], request_id: str,
+              cache_salt: str | None = None) -> ChoiceStreams:
         """Queue every choice; `params[p]` holds prompt p's n SamplingParams. Raises the
         engine's ValueError/EngineDeadError after aborting whatever was already queued."""
         streams: list[RequestStream] = []
         try:
             for prompt, prompt_params in zip(prompts, params):
                 for sp in prompt_params:
-                    streams.append(engine.add_request(prompt, sp, f"{request_id}-{len(streams)}"))
+                    streams.append(engine.add_request(prompt, sp, f"{request_id}-{len(streams)}", cache_salt))
         except BaseException:
             cls(engine, streams, 1).abort()
             raise

@@ -37,7 +37,7 @@ async def chat_completions(request: Request) -> Response:
     max_tokens = resolve_max_tokens(req.requested_max_tokens, len(prompt), engine.info.max_model_len)
     params = sampling_params(req, max_tokens, logprobs, engine.info.vocab_size)
     request_id = new_request_id(request.state.request_id)
-    gen = Generation(request_id, [prompt], [params], req.stream, req.include_usage, "messages")
+    gen = Generation(request_id, [prompt], [params], req.stream, req.include_usage, "messages", req.cache_salt)
     renderer = ChatRenderer(f"chatcmpl-{request_id}", model, engine.tokenizer, logprobs)
     return await serve(request, engine, gen, renderer)
 
@@ -55,7 +55,7 @@ async def completions(request: Request) -> Response:
                               logprobs, engine.info.vocab_size) for p in prompts]
     request_id = new_request_id(request.state.request_id)
     gen = Generation(request_id, [p.token_ids for p in prompts], params, req.stream,
-                     req.include_usage, "prompt")
+                     req.include_usage, "prompt", req.cache_salt)
     renderer = CompletionRenderer(f"cmpl-{request_id}", model, engine.tokenizer, logprobs,
                                   prompts, req.n, req.echo)
     return await serve(request, engine, gen, renderer)

@@ -74,6 +74,7 @@ class SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    cache_salt: str | None = Field(None, min_length=1)  # tenants with different salts share no prefix blocks
 
     @field_validator("stop")
     @classmethod

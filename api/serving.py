@@ -39,6 +39,7 @@ class Generation:
     stream: bool
     include_usage: bool
     prompt_param: str  # the field to blame if the engine refuses a prompt
+    cache_salt: str | None = None
 
 
 async def serve(request: Request, engine: AsyncEngine, gen: Generation, renderer: Renderer) -> Response:
@@ -54,7 +55,7 @@ async def serve(request: Request, engine: AsyncEngine, gen: Generation, renderer
 
 def start(engine: AsyncEngine, gen: Generation) -> ChoiceStreams:
     try:
-        return ChoiceStreams.start(engine, gen.prompts, gen.params, gen.request_id)
+        return ChoiceStreams.start(engine, gen.prompts, gen.params, gen.request_id, gen.cache_salt)
     except EngineDeadError:
         raise engine_unavailable() from None
     except ValueError as exc:

@@ -40,3 +40,11 @@ async def version() -> Response:
 async def metrics(request: Request) -> Response:
     # `async def` on purpose: the collector reads the scheduler, which lives on the event loop.
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@protected_router.post("/reset_prefix_cache")
+async def reset_prefix_cache(request: Request) -> Response:
+    """Drop the prefix cache (blocks held by running requests stay). Needs the API key
+    when one is set, like every route that changes server state."""
+    dropped = server_state(request).engine.reset_prefix_cache()
+    return json_response({"dropped_blocks": dropped})

@@ -145,6 +145,10 @@ class AsyncEngine:
             self._finish_stream(request)
         self._wakeup.set()
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block no request holds; returns how many were dropped."""
+        return self.scheduler.pool.reset_cache()
+
     async def _step_loop(self) -> None:
         try:
             while True:

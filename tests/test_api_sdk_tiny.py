@@ -59,6 +59,19 @@ def test_repeated_prompt_reports_cached_tokens(client):
     assert cached >= 16 and cached % 16 == 0 and cached < second.usage.prompt_tokens
 
 
+def test_cache_salt_isolates_and_reset_drops_the_cache(client, tiny_server: Server):
+    messages = [{"role": "user", "content": "salted prefix " * 20}]
+    ask = lambda **extra: client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
+                                                         extra_body=extra)
+    ask(cache_salt="tenant-a")
+    assert ask(cache_salt="tenant-a").usage.prompt_tokens_details.cached_tokens >= 16
+    assert ask(cache_salt="tenant-b").usage.prompt_tokens_details.cached_tokens == 0
+    assert ask().usage.prompt_tokens_details.cached_tokens == 0  # unsalted is its own tenant
+    reset = httpx.post(tiny_server.url("/reset_prefix_cache"))
+    assert reset.status_code == 200 and reset.json()["dropped_blocks"] > 0
+    assert ask(cache_salt="tenant-a").usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_max_completion_tokens_alias(client):
     out = client.chat.completions.create(model="tiny", messages=MESSAGES, max_completion_tokens=5,
                                          extra_body={"ignore_eos": True})

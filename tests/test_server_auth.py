@@ -54,5 +54,9 @@ def test_probes_open_metrics_and_tools_protected(auth_server: Server):
     for path in ("/metrics", "/v1/models", "/version"):
         assert httpx.get(auth_server.url(path)).status_code == 401, path
     assert httpx.post(auth_server.url("/tokenize"), json={"prompt": "a"}).status_code == 401
+    denied = httpx.post(auth_server.url("/reset_prefix_cache"))
+    assert denied.status_code == 401 and denied.json()["error"]["type"] == "AuthenticationError"
+    allowed = httpx.post(auth_server.url("/reset_prefix_cache"), headers={"Authorization": f"Bearer {API_KEYS[0]}"})
+    assert allowed.status_code == 200 and "dropped_blocks" in allowed.json()
     metrics = httpx.get(auth_server.url("/metrics"), headers={"x-api-key": API_KEYS[0]})
     assert metrics.status_code == 200 and "vllm:num_requests_running" in metrics.text

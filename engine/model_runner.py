@@ -225,7 +225,7 @@ class ModelRunner:
             tokens[i, :lengths[i]] = r.token_ids
         idx = build_step_indices([r.block_ids for r in rows], [r.start_pos for r in rows], lengths,
                                  self.info.block_size, self.num_slots, self.info.num_kv_heads)
-        ctx = StepContext.from_indices(idx)
+        ctx = StepContext.from_indices(idx, self.info.block_size)
         for cache in self.caches:
             cache.ctx = ctx
         last = (mx.arange(len(rows)), mx.array(lengths) - 1)

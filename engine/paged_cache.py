@@ -19,16 +19,16 @@ class StepContext:
 
     num_rows: int
     write_rows: mx.array
-    gather_rows: mx.array
+    gather_blocks: mx.array
     positions: mx.array
     mask: mx.array
-    num_context: int
+    block_size: int
 
     @classmethod
-    def from_indices(cls, idx: StepIndices) -> StepContext:
+    def from_indices(cls, idx: StepIndices, block_size: int) -> StepContext:
         return cls(num_rows=len(idx.positions), write_rows=mx.array(idx.write_rows),
-                   gather_rows=mx.array(idx.gather_rows), positions=mx.array(idx.positions),
-                   mask=mx.array(idx.mask), num_context=idx.num_context)
+                   gather_blocks=mx.array(idx.gather_blocks), positions=mx.array(idx.positions),
+                   mask=mx.array(idx.mask), block_size=block_size)
 
 
 class PagedKVCache:
@@ -54,8 +54,8 @@ class PagedKVCache:
         ctx = self.ctx
         write_kv(self.k_pool, keys, ctx.write_rows)
         write_kv(self.v_pool, values, ctx.write_rows)
-        return (gather_kv(self.k_pool, ctx.gather_rows, ctx.num_rows, self.num_kv_heads, ctx.num_context),
-                gather_kv(self.v_pool, ctx.gather_rows, ctx.num_rows, self.num_kv_heads, ctx.num_context))
+        return (gather_kv(self.k_pool, ctx.gather_blocks, ctx.num_rows, self.num_kv_heads, ctx.block_size),
+                gather_kv(self.v_pool, ctx.gather_blocks, ctx.num_rows, self.num_kv_heads, ctx.block_size))
 
     @property
     def state(self) -> tuple[mx.array, mx.array]:

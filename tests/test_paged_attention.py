@@ -29,7 +29,8 @@ def test_paged_attention_equals_dense_per_row():
     write_kv(k_pool, new(ctx_k), mx.array(idx.write_rows))
     write_kv(v_pool, new(ctx_v), mx.array(idx.write_rows))
     q = mx.array(rng.normal(size=(3, heads, L, dim)).astype(np.float32))
-    out = paged_attention(q, k_pool, v_pool, mx.array(idx.gather_rows), mx.array(idx.mask), scale=dim ** -0.5)
+    out = paged_attention(q, k_pool, v_pool, mx.array(idx.gather_blocks), mx.array(idx.mask),
+                          scale=dim ** -0.5, block_size=block_size)
     for r, (s, n) in enumerate(zip(starts, lengths)):
         causal = mx.array(np.arange(s + n)[None, :] <= (s + np.arange(n))[:, None])
         want = mx.fast.scaled_dot_product_attention(q[r:r + 1, :, :n], ctx_k[r][None], ctx_v[r][None],

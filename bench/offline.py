@@ -5,13 +5,16 @@ a time, same model, same prompts, same BLAS, one process.
 
 Every system generates exactly --max-tokens greedy tokens per prompt (EOS ignored). The
 one-at-a-time peer runs min(batch, --single-cap) requests: its throughput does not depend on
-the batch size, and running all of them would dominate the benchmark's time.
+the batch size, and running all of them would dominate the benchmark's time. On a shared,
+noisy machine the systems are interleaved within each of --repeats rounds; the table reports
+median throughput and the median ratio with its min-max over rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import platform
 import sys
 import time
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--systems", nargs="+", default=["shoal", "mlx_lm_batch", "mlx_lm_single"])
     parser.add_argument("--single-cap", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--blas", default="auto")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -78,28 +82,44 @@ def main(argv: list[str] | None = None) -> None:
                "mlx_lm_single": lambda m, t, p, n: run_mlx_lm_single(m, p[:args.single_cap], n)}
     print(f"# {blas}; model {path}; {platform.machine()} {platform.processor() or ''}; "
           f"prompt {args.prompt_len}, new tokens {args.max_tokens}", flush=True)
-    rows = []
-    for batch in args.batch_sizes:
-        prompts = random_prompts(batch, args.prompt_len, 49152 if args.model == "smollm2-shape" else 10000, seed=batch)
-        row: dict[str, Any] = {"batch": batch}
-        for name in args.systems:
-            result = runners[name](model, tokenizer, prompts, args.max_tokens)
-            row[name] = round(result["tok_per_s"], 2)
-            print(f"batch {batch:3d} {name:14s} {result['tok_per_s']:8.2f} tok/s ({result['seconds']:.1f} s)", flush=True)
-        rows.append(row)
+    vocab = 49152 if args.model == "smollm2-shape" else 10000
+    runs: dict[int, dict[str, list[float]]] = {b: {s: [] for s in args.systems} for b in args.batch_sizes}
+    for round_ in range(args.repeats):
+        for batch in args.batch_sizes:
+            prompts = random_prompts(batch, args.prompt_len, vocab, seed=batch)
+            for name in args.systems:
+                result = runners[name](model, tokenizer, prompts, args.max_tokens)
+                runs[batch][name].append(result["tok_per_s"])
+                print(f"round {round_} batch {batch:3d} {name:14s} {result['tok_per_s']:8.2f} tok/s "
+                      f"({result['seconds']:.1f} s)", flush=True)
+    rows = [summarize(batch, runs[batch]) for batch in args.batch_sizes]
     print_table(rows, args.systems)
     if args.json:
         args.json.write_text(json.dumps({"blas": blas, "model": path, "args": vars(args) | {"json": str(args.json)},
-                                         "rows": rows}, indent=2))
+                                         "rows": rows, "runs": runs}, indent=2))
+
+
+def summarize(batch: int, runs: dict[str, list[float]]) -> dict[str, Any]:
+    """Median tok/s per system, and Shoal's ratio to each peer per round: median, min, max."""
+    row: dict[str, Any] = {"batch": batch}
+    for name, values in runs.items():
+        row[name] = round(statistics.median(values), 2)
+    for peer in ("mlx_lm_batch", "mlx_lm_single"):
+        if "shoal" in runs and peer in runs:
+            ratios = [a / b for a, b in zip(runs["shoal"], runs[peer])]
+            row[f"shoal/{peer}"] = [round(statistics.median(ratios), 2), round(min(ratios), 2), round(max(ratios), 2)]
+    return row
 
 
 def print_table(rows: list[dict[str, Any]], systems: list[str]) -> None:
-    print("\n| batch | " + " | ".join(f"{s} tok/s" for s in systems) + " | shoal / batch | shoal / single |")
-    print("|---" * (len(systems) + 3) + "|")
+    peers = [p for p in ("mlx_lm_batch", "mlx_lm_single") if f"shoal/{p}" in rows[0]]
+    print("\n| batch | " + " | ".join(f"{s} tok/s" for s in systems)
+          + "".join(f" | shoal / {p} (min-max)" for p in peers) + " |")
+    print("|---" * (len(systems) + len(peers) + 1) + "|")
     for row in rows:
-        ratio = lambda peer: f"{row['shoal'] / row[peer]:.2f}" if "shoal" in row and peer in row else "-"
         cells = " | ".join(f"{row.get(s, '-')}" for s in systems)
-        print(f"| {row['batch']} | {cells} | {ratio('mlx_lm_batch')} | {ratio('mlx_lm_single')} |")
+        ratios = "".join(" | {} ({}-{})".format(*row[f"shoal/{p}"]) for p in peers)
+        print(f"| {row['batch']} | {cells}{ratios} |")
 
 
 if __name__ == "__main__":

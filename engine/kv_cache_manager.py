@@ -26,6 +26,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_keys: dict[str, list[Hashable]] = {}
+        self.req_num_cached: dict[str, int] = {}  # leading blocks already offered to the cache
         self.num_cache_queries = 0  # tokens looked up in the prefix cache
         self.num_cache_hits = 0  # tokens found there
 
@@ -75,14 +76,20 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_keys.pop(request.request_id, None)
+        self.req_num_cached.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
     def _cache_full_blocks(self, request: Request, blocks: list[Block], num_tokens: int) -> None:
         # Cached the moment they fill (once this step's tokens are written), so requests
         # scheduled after this one, even in the same step, can hit them.
         num_full = num_tokens // self.block_size
-        for block, key in zip(blocks[:num_full], self._keys(request, num_full)):
-            self.pool.cache_block(block, key)
+        done = self.req_num_cached.get(request.request_id, 0)
+        if num_full <= done or not self.pool.enable_caching:
+            return
+        keys = self._keys(request, num_full)[:num_full]  # only blocks whose tokens are known
+        for i in range(done, len(keys)):
+            self.pool.cache_block(blocks[i], keys[i])
+        self.req_num_cached[request.request_id] = len(keys)
 
     def _keys(self, request: Request, num_blocks: int) -> list[Hashable]:
         """Chained keys of the request's first `num_blocks` full blocks, extended lazily."""

@@ -79,6 +79,13 @@ class Request:
     def finish_reason(self) -> FinishReason | None:
         return _FINISH_REASONS.get(self.status)
 
+    def token_slice(self, start: int, end: int) -> tuple[int, ...]:
+        """Tokens [start, end) without building the whole prompt + output list."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return tuple(self.output_token_ids[start - num_prompt:end - num_prompt])
+        return tuple(self.prompt_token_ids[start:end]) + tuple(self.output_token_ids[:max(end - num_prompt, 0)])
+
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
 

@@ -135,7 +135,7 @@ class Scheduler:
             banned = eos + params.stop_token_ids
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=tuple(request.all_token_ids[start:end]),
+            token_ids=request.token_slice(start, end),
             start_pos=start,
             block_ids=tuple(self.kv.block_ids(request.request_id)),
             sample=end == request.num_tokens,

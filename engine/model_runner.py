@@ -117,15 +117,15 @@ def plan_forwards(lengths: list[int]) -> list[list[int]]:
     Single-token rows, decodes or a prompt whose prefix is all cached, go last, together."""
     groups: list[list[int]] = []
     current: list[int] = []
+    real = longest = 0
     for i, n in enumerate(lengths):
         if n == 1:
             continue
-        candidate = current + [i]
-        real = sum(lengths[j] for j in candidate)
-        if current and len(candidate) * max(lengths[j] for j in candidate) > real * (1 + MAX_PADDING):
+        if current and (len(current) + 1) * max(longest, n) > (real + n) * (1 + MAX_PADDING):
             groups.append(current)
-            candidate = [i]
-        current = candidate
+            current, real, longest = [], 0, 0
+        current.append(i)
+        real, longest = real + n, max(longest, n)
     if current:
         groups.append(current)
     singles = [i for i, n in enumerate(lengths) if n == 1]

@@ -87,7 +87,13 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 # Each entry adds one subcommand and sets its `handler`. Registration must not import MLX
 # (the BLAS is not loaded yet); handlers import what they need. `shoal bench` goes here,
 # e.g. `from shoal.bench.cli import add_bench_command` with an MLX-free shoal/bench/cli.py.
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_serve_command,)
+def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
+    from shoal.bench.commands import add_bench_command as add  # bench imports cli's helpers
+
+    add(subparsers)
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_serve_command, add_bench_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.bench.workloads import WORKLOADS  # numpy only, no MLX
+from shoal.cli import positive_int as positive
 
 log = logging.getLogger("shoal")
 SMOLLM2_SHAPE = "smollm2-shape"
@@ -42,13 +43,6 @@ def rate(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (or inf), got {text}")
-    return value
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
@@ -75,8 +69,10 @@ def add_workload_options(p: argparse.ArgumentParser, num_prompts: int) -> None:
                    help="tokenizer for exact prompt lengths (default: the model, if it is a directory)")
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
+def add_common(p: argparse.ArgumentParser, max_retries: int) -> None:
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--max-retries", type=int, default=max_retries,
+                   help=f"resend a request that got no response at all, like the OpenAI SDK (default {max_retries})")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per run; the rest is cancelled")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -95,7 +91,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
     p.add_argument("--api-key", default=None)
     p.add_argument("--json", type=Path, default=None, help="write the summary and every request here")
-    add_common(p)
+    add_common(p, max_retries=0)
     add_workload_options(p, num_prompts=64)
     p.set_defaults(handler=run_serve_bench, blas="reference")  # the client loads no MLX
 
@@ -121,7 +117,7 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shoal-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `shoal serve` (repeatable, e.g. --shoal-arg=--max-num-seqs=64)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
-    add_common(p)
+    add_common(p, max_retries=2)
     add_workload_options(p, num_prompts=64)
     p.set_defaults(handler=run_compare)
 
@@ -155,21 +151,25 @@ def first_model(base_url: str) -> str:
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
+    import httpx
+
     from shoal.bench.report import format_summary, summarize
     from shoal.bench.serve import ServeConfig, result_dicts, run_benchmark
     from shoal.bench.workloads import build_sessions
 
+    tokenizer = args.tokenizer or (args.model if args.model and Path(args.model).is_dir() else None)
     try:
         workload = workload_config(args)
         model = args.model or first_model(args.base_url)
         config = ServeConfig(args.base_url, model, args.endpoint, args.request_rate, args.max_concurrency,
                              args.timeout, args.temperature, not args.no_ignore_eos, args.api_key,
-                             args.seed, not args.no_progress)
-    except (ValueError, OSError) as exc:
+                             args.seed, not args.no_progress, args.max_retries)
+        if workload.prompt_ids and args.endpoint == "chat":
+            raise ValueError("--prompt-ids needs --endpoint completions")
+        sessions = build_sessions(workload, text_source(tokenizer))
+    except (ValueError, OSError, httpx.HTTPError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    tokenizer = args.tokenizer or (args.model if args.model and Path(args.model).is_dir() else None)
-    sessions = build_sessions(workload, text_source(tokenizer))
     run = run_benchmark(config, sessions)
     summary = summarize(run)
     print(format_summary(summary))
@@ -205,6 +205,7 @@ def run_compare(args: argparse.Namespace) -> int:
             model_dir=model_dir, servers=specs, concurrencies=tuple(args.concurrency), repeats=args.repeats,
             workload=workload_config(args), prompts_per_client=args.prompts_per_client,
             min_prompts=args.min_prompts, endpoint=args.endpoint, timeout=args.timeout,
+            max_retries=args.max_retries,
             startup_timeout=args.startup_timeout, progress=not args.no_progress,
             results_dir=args.results_dir or Path("bench/results") / f"compare-{args.workload}-{stamp}")
     except ValueError as exc:

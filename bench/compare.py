@@ -1,17 +1,18 @@
 """`shoal bench compare`: Shoal and its peers, side by side, over real HTTP.
 
-Each repeat starts every server in turn on a free loopback port (same model directory,
-same BLAS), waits for /health, warms it up, runs the same workload at every concurrency
-level, and stops it. The servers' order alternates between repeats, so slow drift on a
-shared machine hits both alike; ratios are taken repeat by repeat, then summarised as a
-median with a min-max spread.
+Each repeat starts every server on its own free loopback port (same model directory, same
+BLAS), waits for /health and warms each up; then at every concurrency level each server
+runs the same sessions, one server at a time, the order flipping from level to level and
+repeat to repeat. An idle server costs nothing measurable (well under 1% of a core), and
+back-to-back pairs mean that load from other jobs on a shared machine hits both alike.
+Ratios are taken pair by pair, then summarised as a median with a min-max spread.
 
-    repeat 0:  shoal  [c=1, 4, 8, ...]   mlx_lm [c=1, 4, 8, ...]
-    repeat 1:  mlx_lm [c=1, 4, 8, ...]   shoal  [c=1, 4, 8, ...]
+    repeat 0:  c=1: shoal, mlx_lm   c=4: mlx_lm, shoal   c=8: shoal, mlx_lm ...
+    repeat 1:  c=1: mlx_lm, shoal   c=4: shoal, mlx_lm   ...
 
-Servers are always stopped (SIGINT, then SIGKILL of their process group), also on Ctrl-C,
-SIGTERM or an error. Results (JSON after every measurement, markdown, PNG, server logs)
-go to one directory.
+Servers are restarted for every repeat (cold caches) and always stopped (SIGINT, then
+SIGKILL of their process group), also on Ctrl-C, SIGTERM or an error. Results (JSON after
+every measurement, markdown, PNG, server logs) go to one directory.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from shoal.bench.report import Grid, Summary, plot, ratio_table, server_metrics_table, server_table, summarize
+from shoal.bench.report import Grid, Summary, plot, render_markdown, summarize
 from shoal.bench.serve import ServeConfig, run_benchmark
 from shoal.bench.workloads import Session, TextSource, WorkloadConfig, build_sessions
 
@@ -71,9 +74,20 @@ class CompareConfig:
     min_prompts: int = 8  # ... but at least this many
     endpoint: str = "completions"
     timeout: float = 600.0  # per measurement
+    max_retries: int = 2  # as the OpenAI SDK: mlx_lm.server's listen backlog is 5
     startup_timeout: float = 300.0
     results_dir: Path = Path("bench/results/compare")
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.servers or not self.concurrencies or min(self.concurrencies) < 1:
+            raise ValueError("need at least one server and concurrency levels >= 1")
+        if min(self.repeats, self.prompts_per_client, self.min_prompts) < 1 or self.max_retries < 0:
+            raise ValueError("repeats, prompts_per_client and min_prompts must be >= 1, max_retries >= 0")
+        if len({s.name for s in self.servers}) != len(self.servers):
+            raise ValueError("each server may appear once")
+        if self.workload.prompt_ids and any(not s.name.startswith("shoal") for s in self.servers):
+            raise ValueError("token-id prompts: mlx_lm.server and vllm-mlx take text prompts only")
 
     def num_prompts(self, concurrency: int) -> int:
         return max(self.min_prompts, concurrency * self.prompts_per_client)
@@ -225,7 +239,7 @@ def warm_up(server: ServerProcess, source: TextSource, config: CompareConfig) ->
     """Two short requests, unrecorded; raises if they fail (a broken server measures nothing)."""
     workload = WorkloadConfig("random", num_prompts=2, input_len=16, output_len=4, seed=10_000)
     serve = ServeConfig(server.base_url, server.spec.model_name, config.endpoint, max_concurrency=2,
-                        timeout=min(config.timeout, 300.0), progress=False)
+                        timeout=min(config.timeout, 300.0), progress=False, max_retries=config.max_retries)
     run = run_benchmark(serve, build_sessions(workload, source))
     failures = [r.error for r in run.results if not r.success]
     if failures or run.num_unsent:
@@ -235,7 +249,8 @@ def warm_up(server: ServerProcess, source: TextSource, config: CompareConfig) ->
 def measure(server: ServerProcess, sessions: list[Session], concurrency: int, repeat: int,
             config: CompareConfig) -> Record:
     serve = ServeConfig(server.base_url, server.spec.model_name, config.endpoint,
-                        max_concurrency=concurrency, timeout=config.timeout, progress=config.progress)
+                        max_concurrency=concurrency, timeout=config.timeout, progress=config.progress,
+                        max_retries=config.max_retries)
     before = scrape_counters(server.base_url)
     summary = summarize(run_benchmark(serve, sessions))
     deltas = counter_deltas(before, scrape_counters(server.base_url), summary.num_completed)
@@ -260,19 +275,25 @@ class Comparison:
 
     def run(self) -> None:
         for repeat in range(self.config.repeats):
-            order = self.config.servers if repeat % 2 == 0 else self.config.servers[::-1]
-            for spec in order:
-                self.run_server(spec, repeat)
+            with ExitStack() as stack:
+                servers = [stack.enter_context(ServerProcess(spec, self.log_path(spec, repeat),
+                                                             self.config.startup_timeout))
+                           for spec in self.config.servers]
+                for server in servers:
+                    warm_up(server, self.source, self.config)
+                for i, concurrency in enumerate(self.config.concurrencies):
+                    order = servers if (repeat + i) % 2 == 0 else servers[::-1]
+                    for server in order:
+                        self.measure(server, concurrency, repeat)
 
-    def run_server(self, spec: ServerSpec, repeat: int) -> None:
-        log_path = self.config.results_dir / "logs" / f"{spec.name}-r{repeat}.log"
-        with ServerProcess(spec, log_path, self.config.startup_timeout) as server:
-            warm_up(server, self.source, self.config)
-            for concurrency in self.config.concurrencies:
-                record = measure(server, self.level_sessions(concurrency), concurrency, repeat, self.config)
-                self.records.append(record)
-                print(progress_line(record), flush=True)
-                self.save_json()
+    def log_path(self, spec: ServerSpec, repeat: int) -> Path:
+        return self.config.results_dir / "logs" / f"{spec.name}-r{repeat}.log"
+
+    def measure(self, server: ServerProcess, concurrency: int, repeat: int) -> None:
+        record = measure(server, self.level_sessions(concurrency), concurrency, repeat, self.config)
+        self.records.append(record)
+        print(progress_line(record), flush=True)
+        self.save_json()
 
     def save_json(self) -> Path:
         path = self.config.results_dir / "compare.json"
@@ -291,7 +312,7 @@ class Comparison:
         """compare.md and compare.png from the records so far; returns the markdown."""
         grid = self.grid()
         png = plot(grid, self.config.results_dir / "compare.png", title_line(self.config))
-        markdown = render_markdown(self.config, self.meta, grid, self.metric_deltas(), png)
+        markdown = render_markdown(title_line(self.config), self.meta, grid, self.metric_deltas(), png)
         (self.config.results_dir / "compare.md").write_text(markdown)
         return markdown
 
@@ -321,24 +342,6 @@ def title_line(config: CompareConfig) -> str:
     return f"{shape}; {config.endpoint}; {Path(config.model_dir).name}; repeats {config.repeats}"
 
 
-def render_markdown(config: CompareConfig, meta: dict[str, Any], grid: Grid,
-                    deltas: dict[str, dict[int, list[dict[str, float]]]], png: Path | None) -> str:
-    names = list(grid)
-    ours = "shoal" if "shoal" in grid else names[0]
-    parts = [f"# bench compare: {title_line(config)}", "",
-             f"Machine: {meta['machine']}; {meta['date']}. Median over repeats, (min-max) spread; "
-             "ratios are per-repeat pairs (servers run back to back).", "",
-             "## Per server", "", server_table(grid), ""]
-    parts += ["## Ratios", ""]
-    for peer in (n for n in names if n != ours):
-        parts += [ratio_table(grid, ours, peer), ""]
-    if deltas:
-        parts += ["## Server-side counters (/metrics deltas per run)", "", server_metrics_table(deltas), ""]
-    if png is not None:
-        parts += [f"![throughput and TTFT vs concurrency]({png.name})", ""]
-    return "\n".join(parts)
-
-
 def config_dict(config: CompareConfig) -> dict[str, Any]:
     body = asdict(config)
     body["results_dir"] = str(config.results_dir)
@@ -359,21 +362,26 @@ def machine_meta(blas: str) -> dict[str, Any]:
             "blas_library": blas_library(blas)}
 
 
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so `finally` blocks (server shutdown) run."""
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit so `finally` blocks (server shutdown) run."""
     def handler(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_comparison(config: CompareConfig, source: TextSource, blas: str) -> str:
     """Run everything, write JSON/markdown/PNG to config.results_dir; returns the markdown.
     On an interruption the partial results are still written, then the exception re-raised."""
     config.results_dir.mkdir(parents=True, exist_ok=True)
-    raise_on_sigterm()
     comparison = Comparison(config, source, machine_meta(blas))
     try:
-        comparison.run()
+        with sigterm_raises():
+            comparison.run()
     finally:
         comparison.save_json()
         markdown = comparison.write_report() if comparison.records else ""

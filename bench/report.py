@@ -59,6 +59,7 @@ class Summary:
     output_tokens: int
     cached_tokens: int
     num_usage_reported: int  # completed requests whose token counts came from a usage chunk
+    num_retries: int  # resends after connection errors (see ServeConfig.max_retries)
     request_throughput: float
     output_throughput: float
     total_token_throughput: float
@@ -89,6 +90,7 @@ def summarize(run: RunResult) -> Summary:
         num_unsent=run.num_unsent, prompt_tokens=prompt, output_tokens=output,
         cached_tokens=sum(r.cached_tokens for r in ok),
         num_usage_reported=sum(r.usage_reported for r in ok),
+        num_retries=sum(r.retries for r in run.results),
         request_throughput=len(ok) / duration, output_throughput=output / duration,
         total_token_throughput=(prompt + output) / duration,
         ttft=Distribution.of([r.ttft for r in ok if r.ttft is not None]),
@@ -113,6 +115,7 @@ def format_summary(summary: Summary, title: str = "Serving Benchmark Result") ->
     rows: list[tuple[str, Any]] = [
         ("Successful requests:", summary.num_completed), ("Failed requests:", summary.num_failed),
         ("Unsent requests (timeout):", summary.num_unsent),
+        ("Retries (connection errors):", summary.num_retries),
         ("Benchmark duration (s):", fmt(summary.duration_s)),
         ("Total input tokens:", summary.prompt_tokens), ("Cached input tokens:", summary.cached_tokens),
         ("Total generated tokens:", summary.output_tokens),
@@ -199,12 +202,13 @@ Grid = dict[str, dict[int, list[Summary]]]  # server -> concurrency -> one summa
 
 def server_table(grid: Grid, metrics: Sequence[MetricSpec] = HEADLINE) -> str:
     """Markdown: one row per server and concurrency, median (min-max) over repeats."""
-    head = ["server", "conc", *(m.label for m in metrics), "failed"]
+    head = ["server", "conc", *(m.label for m in metrics), "failed", "retries"]
     lines = [md_row(head), md_row(["---"] * len(head))]
     for server, levels in grid.items():
         for conc, runs in sorted(levels.items()):
             cells = [Spread.of([m.get(s) for s in runs]).cell() for m in metrics]
-            lines.append(md_row([server, str(conc), *cells, str(sum(s.num_failed + s.num_unsent for s in runs))]))
+            failed = sum(s.num_failed + s.num_unsent for s in runs)
+            lines.append(md_row([server, str(conc), *cells, str(failed), str(sum(s.num_retries for s in runs))]))
     return "\n".join(lines)
 
 
@@ -222,14 +226,15 @@ def ratio_table(grid: Grid, ours: str, peer: str, metrics: Sequence[MetricSpec] 
 def server_metrics_table(deltas: dict[str, dict[int, list[dict[str, float]]]]) -> str:
     """Markdown of /metrics deltas per server run (servers that expose vllm:* metrics)."""
     head = ["server", "conc", "prompt tokens", "prefix-cache hits", "prefill computed",
-            "generation tokens", "preemptions"]
+            "prefill (from step tokens)", "generation tokens", "preemptions"]
     lines = [md_row(head), md_row(["---"] * len(head))]
     for server, levels in deltas.items():
         for conc, runs in sorted(levels.items()):
             def cell(key: str) -> str:
                 return Spread.of([d.get(key) for d in runs]).cell(0)
             lines.append(md_row([server, str(conc), cell("prompt_tokens"), cell("prefix_cache_hits"),
-                                 cell("prefill_computed"), cell("generation_tokens"), cell("preemptions")]))
+                                 cell("prefill_computed"), cell("prefill_computed_steps"),
+                                 cell("generation_tokens"), cell("preemptions")]))
     return "\n".join(lines)
 
 
@@ -244,6 +249,7 @@ def plot(grid: Grid, path: Path, title: str) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -256,13 +262,35 @@ def plot(grid: Grid, path: Path, title: str) -> Path | None:
             high = np.array([s.high if s.high is not None else np.nan for s in spreads], dtype=float)
             ax.errorbar(concs, med, yerr=[med - low, high - med], marker="o", capsize=3, label=server)
         ax.set_xscale("log", base=2)
+        concs = sorted({c for levels in grid.values() for c in levels})
+        ax.set_xticks(concs, [str(c) for c in concs])
         ax.set_xlabel("concurrency (clients)")
         ax.set_ylabel(metric.label)
         ax.grid(True, alpha=0.3)
         ax.legend()
     axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def render_markdown(title: str, meta: dict[str, Any], grid: Grid,
+                    deltas: dict[str, dict[int, list[dict[str, float]]]], png: Path | None) -> str:
+    """compare.md: per-server table, Shoal / peer ratio tables, /metrics deltas, the plot."""
+    names = list(grid)
+    ours = "shoal" if "shoal" in grid else names[0]
+    parts = [f"# bench compare: {title}", "",
+             f"Machine: {meta['machine']}; {meta['date']}. Median over repeats, (min-max) spread; "
+             "ratios are per-repeat pairs (servers run back to back).", "",
+             "## Per server", "", server_table(grid), ""]
+    parts += ["## Ratios", ""]
+    for peer in (n for n in names if n != ours):
+        parts += [ratio_table(grid, ours, peer), ""]
+    if deltas:
+        parts += ["## Server-side counters (/metrics deltas per run)", "", server_metrics_table(deltas), ""]
+    if png is not None:
+        parts += [f"![throughput and TTFT vs concurrency]({png.name})", ""]
+    return "\n".join(parts)

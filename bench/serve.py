@@ -32,6 +32,7 @@ from shoal.bench.workloads import Prompt, Session, Turn
 ENDPOINTS: tuple[str, ...] = ("completions", "chat")
 MAX_ERROR_CHARS = 300
 PROGRESS_INTERVAL_S = 0.5
+RETRY_BACKOFF_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ServeConfig:
     api_key: str | None = None
     seed: int = 0
     progress: bool = True
+    max_retries: int = 0  # resends of a request that got no response (connection errors)
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
@@ -57,6 +59,8 @@ class ServeConfig:
             raise ValueError("request_rate and timeout must be > 0")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
 
     @property
     def url(self) -> str:
@@ -78,6 +82,7 @@ class RequestResult:
     output_tokens: int = 0
     cached_tokens: int = 0
     usage_reported: bool = False
+    retries: int = 0  # resends after connection errors
     error: str = ""
     text: str = field(default="", repr=False)  # the reply, for the next turn; not reported
 
@@ -104,6 +109,7 @@ class StreamRecorder:
         self.texts: list[str] = []
         self.usage: dict[str, Any] | None = None
         self.error = ""
+        self.retries = 0
 
     def feed(self, line: str, now: float) -> bool:
         if not line.startswith("data:"):
@@ -133,11 +139,11 @@ class StreamRecorder:
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             output_tokens=int(usage.get("completion_tokens", len(self.times))),
             cached_tokens=int(details.get("cached_tokens") or 0),
-            usage_reported="completion_tokens" in usage, text="".join(self.texts))
+            usage_reported="completion_tokens" in usage, retries=self.retries, text="".join(self.texts))
 
     def failure(self, error: str, now: float) -> RequestResult:
         return RequestResult(kind=self.kind, success=False, start=self.start - self.run_start,
-                             latency=now - self.start, error=error[:MAX_ERROR_CHARS])
+                             latency=now - self.start, retries=self.retries, error=error[:MAX_ERROR_CHARS])
 
 
 def chunk_text(chunk: dict[str, Any]) -> str:
@@ -186,17 +192,38 @@ def completion_prompt(session: Session, history: list[tuple[Prompt, str]],
 
 async def send_request(client: httpx.AsyncClient, config: ServeConfig, body: dict[str, Any],
                        kind: str, run_start: float) -> RequestResult:
-    """Stream one request to the end; errors become failed results, never exceptions."""
+    """Stream one request to the end; errors become failed results, never exceptions.
+
+    A request that got no response at all (connection refused or reset before the status
+    line) is sent again up to config.max_retries times after 0.5 s, 1 s, ... as the OpenAI
+    SDK does; its TTFT and latency still count from the first attempt."""
     recorder = StreamRecorder(kind, run_start, time.perf_counter())
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    request = client.build_request("POST", config.url, json=body, headers=headers)
+    for attempt in range(config.max_retries + 1):
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            if attempt == config.max_retries or isinstance(exc, httpx.TimeoutException):
+                return recorder.failure(f"{type(exc).__name__}: {exc}", time.perf_counter())
+            recorder.retries += 1
+            await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
+            continue
+        try:
+            return await read_stream(response, recorder)
+        finally:
+            await response.aclose()
+    raise AssertionError("unreachable")
+
+
+async def read_stream(response: httpx.Response, recorder: StreamRecorder) -> RequestResult:
     try:
-        async with client.stream("POST", config.url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                detail = (await response.aread()).decode(errors="replace")
-                return recorder.failure(f"HTTP {response.status_code}: {detail}", time.perf_counter())
-            async for line in response.aiter_lines():
-                if recorder.feed(line, time.perf_counter()):
-                    break
+        if response.status_code != 200:
+            detail = (await response.aread()).decode(errors="replace")
+            return recorder.failure(f"HTTP {response.status_code}: {detail}", time.perf_counter())
+        async for line in response.aiter_lines():
+            if recorder.feed(line, time.perf_counter()):
+                break
     except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
         return recorder.failure(f"{type(exc).__name__}: {exc}", time.perf_counter())
     return recorder.result(time.perf_counter())

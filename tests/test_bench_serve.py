@@ -3,15 +3,23 @@ the load generator's counts must agree with what the server itself counted in /m
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
 import math
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytest.register_assert_rewrite("server_util")
 from server_util import Server, metric  # noqa: E402
 
+from shoal.bench import commands  # noqa: E402
+from shoal.bench.compare import CompareConfig, ServerProcess, run_comparison, server_spec  # noqa: E402
 from shoal.bench.report import Summary, summarize, tpot  # noqa: E402
 from shoal.bench.serve import RequestResult, RunResult, ServeConfig, StreamRecorder, run_benchmark  # noqa: E402
 from shoal.bench.workloads import TextSource, WorkloadConfig, build_sessions, load_tokenizer  # noqa: E402
@@ -138,3 +146,81 @@ def test_stream_recorder_counts_chunks_without_usage() -> None:
 def test_tpot_needs_two_tokens() -> None:
     one = RequestResult("k", True, start=0.0, latency=1.0, ttft=0.5, output_tokens=1)
     assert tpot(one) is None
+
+
+def live_cmdlines(needle: str) -> list[str]:
+    """Command lines of running processes that mention `needle`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in text:
+            found.append(text)
+    return found
+
+
+def test_compare_runs_both_servers_and_stops_them(tiny_model_dir: Path, source: TextSource,
+                                                  tmp_path: Path) -> None:
+    specs = tuple(server_spec(name, str(tiny_model_dir), "reference") for name in ("shoal", "mlx_lm"))
+    config = CompareConfig(str(tiny_model_dir), specs, concurrencies=(1, 3), repeats=1,
+                           workload=WorkloadConfig("random", input_len=24, output_len=6),
+                           prompts_per_client=1, min_prompts=3, timeout=60.0, results_dir=tmp_path)
+    markdown = run_comparison(config, source, "reference")
+    assert "shoal / mlx_lm" in markdown
+    records = json.loads((tmp_path / "compare.json").read_text())["records"]
+    assert sorted((r["server"], r["concurrency"]) for r in records) == [
+        ("mlx_lm", 1), ("mlx_lm", 3), ("shoal", 1), ("shoal", 3)]
+    for r in records:
+        summary, counted = r["summary"], r["server_metrics"]
+        assert summary["num_completed"] == 3 and summary["num_failed"] == 0
+        if r["server"] == "mlx_lm":
+            assert counted is None  # no /metrics
+            continue
+        assert counted["prompt_tokens"] == summary["prompt_tokens"] == 3 * 24
+        assert counted["generation_tokens"] == summary["output_tokens"] == 3 * 6
+        assert counted["prefill_computed_steps"] == counted["prefill_computed"]
+    assert (tmp_path / "compare.md").read_text() == markdown
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "compare.png").stat().st_size > 0
+    assert not [c for c in live_cmdlines(str(tiny_model_dir)) if "mlx_lm.server" in c or " bench " in c]
+
+
+def test_server_process_is_stopped_on_interrupt(tiny_model_dir: Path, tmp_path: Path) -> None:
+    spec = server_spec("mlx_lm", str(tiny_model_dir), "reference")
+    server = ServerProcess(spec, tmp_path / "mlx_lm.log", startup_timeout=120.0)
+    with pytest.raises(KeyboardInterrupt), server:
+        assert httpx.get(f"{server.base_url}/health", trust_env=False).status_code == 200
+        raise KeyboardInterrupt
+    assert server.process is not None and server.process.poll() is not None
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.base_url}/health", trust_env=False)
+
+
+def test_bench_serve_command_writes_json(tiny_server: Server, tiny_model_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "serve.json"
+    code = commands.main(["serve", "--base-url", tiny_server.base_url + "/v1", "--tokenizer", str(tiny_model_dir),
+                          "--num-prompts", "3", "--input-len", "20", "--output-len", "4", "--no-progress",
+                          "--json", str(out)])
+    assert code == 0 and "Successful requests:" in capsys.readouterr().out
+    body = json.loads(out.read_text())
+    assert body["config"]["model"] == "tiny"  # the first id of /v1/models
+    assert body["summary"]["num_completed"] == 3 and body["summary"]["prompt_tokens"] == 60
+    assert len(body["requests"]) == 3 and "text" not in body["requests"][0]
+
+
+def test_bench_registers_on_the_shoal_cli_without_mlx() -> None:
+    from shoal.cli import add_serve_command
+
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_serve_command(subparsers)
+    commands.add_bench_command(subparsers)
+    args = parser.parse_args(["bench", "serve", "--workload", "swarm", "--max-concurrency", "4"])
+    assert args.handler is commands.run_serve_bench and args.blas == "reference" and args.log_level
+    args = parser.parse_args(["bench", "compare", "--servers", "shoal", "mlx_lm", "--concurrency", "1", "2"])
+    assert args.handler is commands.run_compare and args.blas == "auto" and args.concurrency == [1, 2]
+    probe = "import sys, shoal.bench.commands; sys.exit('mlx.core' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0  # registering loads no MLX

@@ -22,7 +22,7 @@ import numpy as np
 from shoal.engine.config import EngineConfig
 from shoal.engine.loader import load_model
 from shoal.engine.outputs import ModelRunnerOutput, SchedulerOutput, ScheduledRequest
-from shoal.engine.paged_cache import PagedKVCache, StepContext
+from shoal.engine.paged_cache import PagedKVCache, StepContext, install_attention
 from shoal.engine.sampler import Sampler, to_logprobs
 from shoal.kernels.paged_attention import build_step_indices
 
@@ -153,6 +153,7 @@ class ModelRunner:
         mx.eval([c.state for c in self.caches])
         self.sampler = Sampler(info.vocab_size, seed)
         self._split = split_head(model)
+        install_attention(model)
 
     @classmethod
     def load(cls, config: EngineConfig) -> ModelRunner:

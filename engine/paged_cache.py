@@ -6,11 +6,12 @@ row's gathered context.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from shoal.kernels.paged_attention import StepIndices, gather_kv, write_kv
+from shoal.kernels.paged_attention import StepIndices, attention, gather_kv, write_kv
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,25 @@ class PagedKVCache:
     @property
     def state(self) -> tuple[mx.array, mx.array]:
         return self.k_pool, self.v_pool
+
+
+def install_attention(model) -> None:
+    """On CPU, route attention over a PagedKVCache to `kernels.attention`, which beats MLX's
+    CPU fallback of `mx.fast.scaled_dot_product_attention`. mlx-lm models call the
+    `scaled_dot_product_attention` their module imported; wrapping that name dispatches on the
+    cache type, so every other caller (mlx-lm's own KVCache, quantized caches) is untouched.
+    On Metal and CUDA the fused kernel stays."""
+    if mx.default_device() != mx.cpu:
+        return
+    module = sys.modules[type(model).__module__]
+    original = getattr(module, "scaled_dot_product_attention", None)
+    if original is None or getattr(original, "paged_dispatch", False):
+        return
+
+    def dispatch(queries, keys, values, cache, scale, mask, sinks=None):
+        if isinstance(cache, PagedKVCache) and sinks is None:
+            return attention(queries, keys, values, scale, mask)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+    dispatch.paged_dispatch = True
+    module.scaled_dot_product_attention = dispatch

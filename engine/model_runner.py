@@ -195,7 +195,9 @@ class ModelRunner:
             return ModelRunnerOutput((None,) * len(rows))
         sample_rows = [rows[i] for i in sample_idx]
         batch = self.sampler.prepare(sample_rows)
-        tokens, chosen, top = self.sampler.sample(logits[mx.array(sample_idx)], batch)
+        if len(sample_idx) < len(rows):  # decode steps sample every row: no copy then
+            logits = logits[mx.array(sample_idx)]
+        tokens, chosen, top = self.sampler.sample(logits, batch)
         mx.eval([a for a in (tokens, chosen, top) if a is not None], pools)
         tokens_np = np.array(tokens)
         logprobs = None

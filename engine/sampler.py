@@ -104,7 +104,8 @@ class Sampler:
 
     def sample(self, logits: mx.array, batch: SamplingBatch) -> tuple[mx.array, mx.array | None, mx.array | None]:
         """Returns (tokens, chosen logprobs, (top ids, top logprobs)) as lazy MLX arrays."""
-        logits = logits.astype(mx.float32)
+        if logits.dtype != mx.float32:
+            logits = logits.astype(mx.float32)
         if batch.penalties is not None:
             logits = apply_penalties(logits, *map(mx.array, batch.penalties))
         if batch.bias is not None:

@@ -77,8 +77,3 @@ class SamplingParams:
     def uses_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
-
-    @property
-    def uses_filters(self) -> bool:
-        """Whether sampling needs the sorted distribution (top-k, top-p or min-p)."""
-        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)

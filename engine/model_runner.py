@@ -35,6 +35,7 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     dtype: mx.Dtype
+    vocab_size: int  # logits width, which can differ from the tokenizer's size
 
     def bytes_per_block(self, block_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * block_size * self.dtype.size
@@ -84,12 +85,13 @@ def probe_kv_layout(model) -> KVLayout:
             raise ValueError(f"{type(model).__module__}: only models with a plain KV cache per "
                              "layer are supported (no sliding-window, SSM or hybrid layers)")
     probes = [_ProbeCache() for _ in model.layers]
-    mx.eval(model(mx.array([[0]]), cache=probes))
+    logits = model(mx.array([[0]]), cache=probes)
+    mx.eval(logits)
     shapes = {p.shape for p in probes}
     if len(shapes) != 1 or None in shapes:
         raise ValueError(f"layers disagree on KV shape: {shapes}")
     _, num_kv_heads, _, head_dim = probes[0].shape
-    return KVLayout(len(probes), num_kv_heads, head_dim, probes[0].dtype)
+    return KVLayout(len(probes), num_kv_heads, head_dim, probes[0].dtype, logits.shape[-1])
 
 
 # Architectures whose forward is exactly `head(model.model(inputs, cache))`.
@@ -172,9 +174,8 @@ class ModelRunner:
             num_blocks = min(num_blocks, config.max_num_seqs * -(-wanted_len // config.block_size) + 1)
         capacity = (num_blocks - 1) * config.block_size
         max_model_len = config.max_model_len or min(wanted_len or capacity, capacity)
-        logits = model(mx.array([[0]]))
         info = ModelInfo(
-            path=path, vocab_size=logits.shape[-1], num_layers=layout.num_layers,
+            path=path, vocab_size=layout.vocab_size, num_layers=layout.num_layers,
             num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
             dtype=str(layout.dtype).removeprefix("mlx.core."), num_blocks=num_blocks,
             block_size=config.block_size, max_model_len=max_model_len,

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from shoal import __version__
 from shoal.engine.config import EngineConfig
@@ -73,8 +74,48 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alias", action="append", default=[], help="another accepted model name (repeatable)")
     p.add_argument("--max-request-bytes", type=parse_size, default="8MiB", metavar="SIZE",
                    help="largest request body accepted (default 8MiB)")
+    add_chat_options(p)
     add_common_options(p)
     p.set_defaults(handler=run_serve)
+
+
+def add_chat_options(p: argparse.ArgumentParser) -> None:
+    """Tool calls, reasoning and templates (vLLM's spellings)."""
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility: tool calls are parsed whenever the "
+                        "model has a tool-call format (detected, or --tool-call-parser)")
+    p.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="tool-call format: an mlx_lm.tool_parsers module (json_tools, qwen3_coder, "
+                        "mistral, ...), vLLM's names (hermes, qwen3_xml, llama3_json) or none "
+                        "(default: detected from the tokenizer and chat template)")
+    p.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                   help="reasoning markers: qwen3, deepseek_r1 (<think>...</think>) or none "
+                        "(default: the tokenizer's think tokens, if any)")
+    p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="a Jinja chat template (file or inline text) replacing the model's")
+    p.add_argument("--sse-ping-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="Anthropic streams send a ping after this much silence (default 5)")
+
+
+def chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's contents, or the text itself when it is no file."""
+    if value is None or "{" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--chat-template: no such file {value!r}")
+    return path.read_text(encoding="utf-8")
+
+
+def check_chat_options(args: argparse.Namespace) -> None:
+    """Fail on unknown parser names before the model loads."""
+    from shoal.api.tool_formats import THINK_REASONING_PARSERS, load_tool_format
+
+    if args.tool_call_parser not in (None, "none"):
+        load_tool_format(args.tool_call_parser)
+    if args.reasoning_parser not in (None, "none", *THINK_REASONING_PARSERS):
+        raise ValueError(f"unknown reasoning parser {args.reasoning_parser!r}; known: "
+                         f"{', '.join(THINK_REASONING_PARSERS)}, none")
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
@@ -124,8 +165,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:  # every flag is checked before the slow part (loading the model)
         engine = engine_config(args)
+        check_chat_options(args)
         config = ServerConfig(served_model_name=args.served_model_name, aliases=tuple(args.alias),
-                              api_keys=api_keys(args), max_request_bytes=args.max_request_bytes)
+                              api_keys=api_keys(args), max_request_bytes=args.max_request_bytes,
+                              tool_call_parser=args.tool_call_parser,
+                              reasoning_parser=args.reasoning_parser,
+                              chat_template=chat_template(args.chat_template),
+                              ping_interval=args.sse_ping_interval)
     except ValueError as exc:
         log.error("invalid configuration: %s", exc)
         return 2

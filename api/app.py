@@ -10,13 +10,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from shoal import __version__
-from shoal.api import openai, system, tokenize
+from shoal.api import anthropic, openai, system, tokenize
+from shoal.api.chat import ChatService
 from shoal.api.config import ServerConfig
 from shoal.api.errors import install_error_handlers
 from shoal.api.metrics import ServerMetrics
 from shoal.api.request_id import RequestIdMiddleware
 from shoal.api.served_model import ServedModel
 from shoal.api.state import ServerState
+from shoal.api.tool_formats import detect_reasoning_format, detect_tool_format
 from shoal.engine.async_engine import AsyncEngine
 from shoal.engine.config import EngineConfig
 
@@ -33,7 +35,8 @@ def create_app(config: ServerConfig, engine_config: EngineConfig,
                   docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
-    for router in (system.open_router, system.protected_router, openai.router, tokenize.router):
+    for router in (system.open_router, system.protected_router, openai.router, anthropic.router,
+                   tokenize.router):
         app.include_router(router)
     return app
 
@@ -46,8 +49,12 @@ def _lifespan(config: ServerConfig, engine_config: EngineConfig, factory: Engine
         model = ServedModel.from_path(info.path, config.served_model_name, config.aliases,
                                       info.max_model_len)
         metrics = ServerMetrics(engine, model.name, info.max_model_len)
-        app.state.server = ServerState(engine, config, model, metrics)
+        chat = chat_service(engine, config)
+        app.state.server = ServerState(engine, config, model, metrics, chat)
         log_limits(model, engine_config, config)
+        log.info("tool calls: %s; reasoning: %s",
+                 chat.tool_format.name if chat.tool_format else "not parsed (no parser for this model)",
+                 f"{chat.reasoning.start}...{chat.reasoning.end}" if chat.reasoning else "not parsed")
         try:
             yield
         finally:
@@ -55,6 +62,13 @@ def _lifespan(config: ServerConfig, engine_config: EngineConfig, factory: Engine
             await engine.shutdown()
 
     return lifespan
+
+
+def chat_service(engine: AsyncEngine, config: ServerConfig) -> ChatService:
+    tokenizer = engine.tokenizer
+    return ChatService(engine, detect_tool_format(tokenizer, config.tool_call_parser),
+                       detect_reasoning_format(tokenizer, config.reasoning_parser),
+                       config.chat_template)
 
 
 def log_limits(model: ServedModel, engine_config: EngineConfig, config: ServerConfig) -> None:

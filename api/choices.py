@@ -46,6 +46,14 @@ class ChoiceStreams:
             raise
         return cls(engine, streams, len(params[0]))
 
+    @property
+    def num_choices(self) -> int:
+        return len(self.streams)
+
+    @staticmethod
+    def new_result() -> ChoiceResult:
+        return ChoiceResult()
+
     def abort(self) -> None:
         """Abort every choice that has not finished (a no-op for finished ones)."""
         for stream in self.streams:
@@ -91,7 +99,8 @@ class ChoiceResult:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     final: RequestOutput | None = None
 
-    def add(self, output: RequestOutput) -> None:
+    def add(self, delta: ChoiceDelta) -> None:
+        output = delta.output
         self.text.append(output.new_text)
         self.logprobs.extend(output.logprobs)
         if output.finished:

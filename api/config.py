@@ -15,12 +15,18 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()  # empty = no authentication
     max_request_bytes: int = 8 * MiB  # larger bodies get 413 before they are parsed
     max_n: int = 128  # most choices per request (OpenAI's own cap)
+    tool_call_parser: str | None = None  # None = detect from the tokenizer; "none" = off
+    reasoning_parser: str | None = None  # None = the tokenizer's think markers; "none" = off
+    chat_template: str | None = None  # a Jinja template replacing the model's
+    ping_interval: float = 5.0  # seconds of silence before an Anthropic stream sends a ping
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be >= 1024")
         if self.max_n < 1:
             raise ValueError("max_n must be >= 1")
+        if not self.ping_interval > 0:
+            raise ValueError("ping_interval must be > 0")
         if any(not key for key in self.api_keys):
             raise ValueError("API keys must be non-empty")
         if any(not name for name in self.aliases) or self.served_model_name == "":

@@ -1,8 +1,11 @@
-"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+"""Errors, each in the shape of the API the client speaks.
 
-Every failure a client can cause is raised as an `APIError` and rendered by one handler;
-FastAPI's own 422 dumps and Starlette's plain-text 404/405 go through the same shape.
-`code` carries the HTTP status, as vLLM does.
+Every failure a client can cause is raised as one surface-neutral `APIError` (status,
+message, the field to blame) and rendered by one handler, which picks the shape from the
+path: Anthropic's `{"type": "error", "error": {"type", "message"}}` under `/v1/messages`,
+OpenAI's `{"error": {"message", "type", "param", "code"}}` everywhere else (`code` carries
+the HTTP status, as vLLM does). FastAPI's own 422 dumps and Starlette's plain-text 404/405
+go through the same handler.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ ERROR_TYPES: dict[int, str] = {
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
+# Anthropic's error types per status (its SDK maps them to exception classes).
+ANTHROPIC_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+    500: "api_error", 503: "overloaded_error", 529: "overloaded_error",
+}
+ANTHROPIC_PATH = "/v1/messages"
 
 
 class APIError(Exception):
@@ -47,11 +57,20 @@ class APIError(Exception):
     def body(self) -> dict:
         return error_body(self.status, self.message, self.param)
 
+    def anthropic_body(self) -> dict:
+        return anthropic_error_body(self.status, self.message)
+
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     """The OpenAI error object for a status, message and parameter."""
     error_type = ERROR_TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
     return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    error_type = ANTHROPIC_ERROR_TYPES.get(status) or (
+        "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -91,31 +110,38 @@ def format_loc(loc: tuple[str | int, ...]) -> str:
 
 
 def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(error_body(status, message, param)), status_code=status,
-                    media_type="application/json", headers=headers)
+                   headers: dict[str, str] | None = None, anthropic: bool = False) -> Response:
+    body = anthropic_error_body(status, message) if anthropic else error_body(status, message, param)
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def is_anthropic(request: Request) -> bool:
+    return request.url.path.startswith(ANTHROPIC_PATH)
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
-    return error_response(exc.status, exc.message, exc.param, exc.headers)
+    return error_response(exc.status, exc.message, exc.param, exc.headers, is_anthropic(request))
 
 
 async def _request_validation(request: Request, exc: RequestValidationError) -> Response:
     err = validation_error(exc)
-    return error_response(err.status, err.message, err.param)
+    return error_response(err.status, err.message, err.param, anthropic=is_anthropic(request))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+    return error_response(exc.status_code, str(exc.detail), headers=exc.headers,
+                          anthropic=is_anthropic(request))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, f"internal server error: {type(exc).__name__}")
+    return error_response(500, f"internal server error: {type(exc).__name__}",
+                          anthropic=is_anthropic(request))
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Route every error the app can raise into the OpenAI error shape."""
+    """Route every error the app can raise into its API's error shape."""
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(HTTPException, _http_error)

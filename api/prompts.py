@@ -1,5 +1,5 @@
-"""Request text -> prompt token ids: chat messages through the model's chat template,
-completion prompts through the tokenizer (or taken as ids)."""
+"""Completion prompts -> token ids: through the tokenizer, or taken as ids. (Chat
+messages go through the chat service, `chat.py`.)"""
 
 from __future__ import annotations
 
@@ -7,29 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.api.errors import bad_request
-from shoal.api.protocol import ChatMessage
 
 
 @dataclass(frozen=True)
 class Prompt:
     token_ids: list[int]
     text: str | None  # the prompt as sent; None when it came as token ids
-
-
-def chat_prompt(tokenizer: Any, messages: list[ChatMessage], tools: list[dict] | None = None,
-                add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of `messages` rendered by the model's chat template."""
-    if not getattr(tokenizer, "has_chat_template", True):
-        raise bad_request("This model has no chat template; use /v1/completions.", "messages")
-    rendered = [m.template_dict() for m in messages]
-    try:
-        ids = tokenizer.apply_chat_template(rendered, tools=tools,
-                                            add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # noqa: BLE001 - jinja raises anything the template raises
-        raise bad_request(f"The chat template rejected the messages: {exc}", "messages") from None
-    if isinstance(ids, dict):  # some transformers versions return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def completion_prompts(tokenizer: Any, prompt: str | list, vocab_size: int) -> list[Prompt]:

@@ -28,6 +28,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
     @field_validator("content")
     @classmethod
@@ -42,7 +43,7 @@ class ChatMessage(BaseModel):
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it (unset optional keys left out)."""
         out: dict[str, Any] = {"role": self.role, "content": self.content or ""}
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -75,6 +76,23 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     cache_salt: str | None = Field(None, min_length=1)  # tenants with different salts share no prefix blocks
+    # vLLM fields Shoal does not honour yet: refused with a 400, never silently dropped.
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    prompt_logprobs: Any = None
+    best_of: Any = None
+
+    def unsupported_fields(self) -> list[tuple[str, Any]]:
+        """(name, value) of every field set that this server would otherwise ignore."""
+        names = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                 "structured_outputs", "prompt_logprobs")
+        out = [(name, getattr(self, name)) for name in names if getattr(self, name) is not None]
+        if self.best_of not in (None, 1):
+            out.append(("best_of", self.best_of))
+        return out
 
     @field_validator("stop")
     @classmethod
@@ -101,6 +119,8 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -139,6 +159,8 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool | None = None  # default: True for prompts, False for messages
     add_generation_prompt: bool = True
     return_token_strs: bool = False

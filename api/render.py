@@ -1,5 +1,5 @@
 """Engine outputs -> OpenAI response objects: chat and text completions, whole or as
-stream chunks, with logprobs (token strings included) and usage.
+stream chunks, with logprobs (token strings included), tool calls, reasoning and usage.
 
 A renderer is made per API request; it knows the response id, model name and options,
 and (for completions) each choice's running text offset.
@@ -11,7 +11,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from shoal.api.choices import ChoiceResult
+from shoal.api.chat import ChatDelta, ChatFinish, ChatResult
+from shoal.api.choices import ChoiceDelta, ChoiceResult
+from shoal.api.output_parser import Segment, SegmentKind, ToolCall
 from shoal.api.prompts import Prompt
 from shoal.api.sampling import LogprobsRequest
 from shoal.engine.outputs import RequestOutput, TokenLogprobs
@@ -43,11 +45,19 @@ def usage(finals: Sequence[RequestOutput | None], n: int) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": sum(f.num_cached_tokens for f in firsts)}}
 
 
-def finish_fields(output: RequestOutput | None) -> dict[str, Any]:
+def finish_fields(output: RequestOutput | None, finish: ChatFinish | None = None) -> dict[str, Any]:
     if output is None or not output.finished:
         return {"finish_reason": None}
     reason = output.finish_reason.value if output.finish_reason else None
+    if finish is ChatFinish.TOOL_CALLS:
+        reason = "tool_calls"
     return {"finish_reason": reason, "stop_reason": output.stop_reason}
+
+
+def tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    out = {"id": f"call_{call.id}", "type": "function",
+           "function": {"name": call.name, "arguments": call.arguments}}
+    return out if index is None else {"index": index, **out}
 
 
 class Renderer:
@@ -81,10 +91,11 @@ class Renderer:
         """A choice's first stream chunk, sent before any token; None for none."""
         return None
 
-    def delta(self, index: int, output: RequestOutput) -> dict | None:
+    def delta(self, delta: Any) -> dict | None:
+        """A stream chunk's choice for one delta; None when there is nothing to send."""
         raise NotImplementedError
 
-    def choice(self, index: int, result: ChoiceResult) -> dict:
+    def choice(self, index: int, result: Any) -> dict:
         raise NotImplementedError
 
 
@@ -92,20 +103,43 @@ class ChatRenderer(Renderer):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
+    def __init__(self, response_id: str, model: str, tokenizer: Any, logprobs: LogprobsRequest):
+        super().__init__(response_id, model, tokenizer, logprobs)
+        self.num_calls: dict[int, int] = {}  # choice -> tool calls streamed so far
+
     def opening(self, index: int) -> dict | None:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
 
-    def delta(self, index: int, output: RequestOutput) -> dict | None:
-        if not (output.new_text or output.logprobs or output.finished):
+    def delta(self, delta: ChatDelta) -> dict | None:
+        body = self._delta_fields(delta.index, delta.segments)
+        if not (body or delta.logprobs or delta.output.finished):
             return None
-        return {"index": index, "delta": {"content": output.new_text} if output.new_text else {},
-                "logprobs": self._logprobs(output.logprobs), **finish_fields(output)}
+        return {"index": delta.index, "delta": body, "logprobs": self._logprobs(delta.logprobs),
+                **finish_fields(delta.output, delta.finish)}
 
-    def choice(self, index: int, result: ChoiceResult) -> dict:
-        message = {"role": "assistant", "content": "".join(result.text)}
+    def _delta_fields(self, index: int, segments: Sequence[Segment]) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        for seg in segments:
+            if seg.kind is SegmentKind.TOOL_CALL:
+                number = self.num_calls.get(index, 0)
+                self.num_calls[index] = number + 1
+                body.setdefault("tool_calls", []).append(tool_call_json(seg.call, number))
+            else:
+                key = "content" if seg.kind is SegmentKind.TEXT else "reasoning_content"
+                body[key] = body.get(key, "") + seg.text
+        return body
+
+    def choice(self, index: int, result: ChatResult) -> dict:
+        calls = result.tool_calls
+        text = result.text()
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+        if reasoning := result.text(SegmentKind.REASONING):
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = [tool_call_json(c) for c in calls]
         return {"index": index, "message": message, "logprobs": self._logprobs(result.logprobs),
-                **finish_fields(result.final)}
+                **finish_fields(result.final, result.finish)}
 
     def _logprobs(self, entries: Sequence[TokenLogprobs]) -> dict | None:
         if not self.logprobs.enabled:
@@ -140,7 +174,8 @@ class CompletionRenderer(Renderer):
         echo = self.echo_texts[index // self.n]
         return {"index": index, "text": echo, "logprobs": None, "finish_reason": None} if echo else None
 
-    def delta(self, index: int, output: RequestOutput) -> dict | None:
+    def delta(self, delta: ChoiceDelta) -> dict | None:
+        index, output = delta.index, delta.output
         if not (output.new_text or output.logprobs or output.finished):
             return None
         return {"index": index, "text": output.new_text,

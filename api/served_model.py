@@ -28,11 +28,13 @@ class ServedModel:
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 
-    def resolve(self, requested: str | None) -> str:
-        """The name to echo back; a missing `model` means this one. Raises 404 otherwise."""
+    def resolve(self, requested: str | None, accept_claude: bool = False) -> str:
+        """The name to echo back; a missing `model` means this one. Raises 404 otherwise.
+        With `accept_claude` (the Anthropic routes), any `claude-*` name means this model:
+        Claude Code sends its own model names."""
         if requested is None:
             return self.name
-        if requested not in self.names:
+        if requested not in self.names and not (accept_claude and requested.startswith("claude-")):
             raise model_not_found(requested)
         return requested
 

@@ -1,4 +1,4 @@
-"""Running one generation request against the engine and answering it, streamed or whole.
+"""Answering one generation request, streamed or whole, whatever the API surface.
 
 Disconnects abort the engine requests in both modes:
 - streamed: Starlette cancels the body iterator; `EventStreamResponse` then aborts.
@@ -9,91 +9,67 @@ Disconnects abort the engine requests in both modes:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from fastapi import Request
 from starlette.responses import Response
 
-from shoal.api.choices import ChoiceResult, ChoiceStreams
 from shoal.api.errors import APIError, bad_request
-from shoal.api.render import Renderer, usage
-from shoal.api.sse import DONE, EventStreamResponse, event
+from shoal.api.sse import EventStreamResponse
 from shoal.engine.async_engine import AsyncEngine, EngineDeadError
-from shoal.engine.sampling_params import SamplingParams
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's status for "client closed request"; never reaches the client
 
 
-@dataclass(frozen=True)
-class Generation:
-    """A validated request, ready for the engine: n choices per prompt."""
+class Run(Protocol):
+    """What `serve` drives: the engine requests behind one API request (`ChoiceStreams`
+    for completions, `ChatRun` for chat)."""
 
-    request_id: str
-    prompts: Sequence[list[int]]
-    params: Sequence[Sequence[SamplingParams]]
-    stream: bool
-    include_usage: bool
-    prompt_param: str  # the field to blame if the engine refuses a prompt
-    cache_salt: str | None = None
+    engine: AsyncEngine
+    n: int
+    num_choices: int
+
+    def deltas(self) -> AsyncGenerator[Any, None]: ...
+    def abort(self) -> None: ...
+    def new_result(self) -> Any: ...
 
 
-async def serve(request: Request, engine: AsyncEngine, gen: Generation, renderer: Renderer) -> Response:
-    choices = start(engine, gen)
-    if gen.stream:
-        events = stream_events(engine, choices, renderer, gen.include_usage)
-        return EventStreamResponse(events, on_close=choices.abort)
-    results = await unless_disconnected(request, collect(choices), on_disconnect=choices.abort)
+async def serve(request: Request, run: Run, stream: bool,
+                events: Callable[[Run], AsyncGenerator[bytes, None]],
+                whole: Callable[[list[Any]], dict]) -> Response:
+    """The response for a started run: `events(run)` as SSE, or `whole(results)` as JSON
+    once every choice has finished. Disconnects abort the run either way."""
+    if stream:
+        return EventStreamResponse(events(run), on_close=run.abort)
+    results = await unless_disconnected(request, collect(run), on_disconnect=run.abort)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    return json_response(renderer.response(results, usage([r.final for r in results], choices.n)))
+    return json_response(whole(results))
 
 
-def start(engine: AsyncEngine, gen: Generation) -> ChoiceStreams:
+def start(fn: Callable[[], T], prompt_param: str) -> T:
+    """Queue engine requests with `fn`, turning the engine's refusals into API errors."""
     try:
-        return ChoiceStreams.start(engine, gen.prompts, gen.params, gen.request_id, gen.cache_salt)
+        return fn()
     except EngineDeadError:
         raise engine_unavailable() from None
     except ValueError as exc:
-        raise bad_request(str(exc), gen.prompt_param) from None
+        raise bad_request(str(exc), prompt_param) from None
 
 
-async def collect(choices: ChoiceStreams) -> list[ChoiceResult]:
+async def collect(run: Run) -> list[Any]:
     """Every choice folded whole; raises if the engine failed any of them."""
-    results = [ChoiceResult() for _ in choices.streams]
-    async with aclosing(choices.deltas()) as deltas:
+    results = [run.new_result() for _ in range(run.num_choices)]
+    async with aclosing(run.deltas()) as deltas:
         async for delta in deltas:
-            results[delta.index].add(delta.output)
+            results[delta.index].add(delta)
             if delta.output.error is not None:
-                raise engine_failure(choices.engine, delta.output.error)
+                raise engine_failure(run.engine.is_alive, delta.output.error)
     return results
-
-
-async def stream_events(engine: AsyncEngine, choices: ChoiceStreams, renderer: Renderer,
-                        include_usage: bool) -> AsyncGenerator[bytes, None]:
-    """SSE frames: openings, one chunk per delta, optional usage chunk, [DONE]. An engine
-    error ends the stream with a `data: {"error": ...}` frame."""
-    finals = [None] * len(choices.streams)
-    for index in range(len(choices.streams)):
-        if (opening := renderer.opening(index)) is not None:
-            yield event(renderer.chunk([opening]))
-    async with aclosing(choices.deltas()) as deltas:
-        async for delta in deltas:
-            if delta.output.error is not None:
-                yield event(engine_failure(engine, delta.output.error).body())
-                yield DONE
-                return
-            if (choice := renderer.delta(delta.index, delta.output)) is not None:
-                yield event(renderer.chunk([choice]))
-            if delta.output.finished:
-                finals[delta.index] = delta.output
-    if include_usage:
-        yield event(renderer.chunk([], usage(finals, choices.n)))
-    yield DONE
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T],
@@ -119,8 +95,8 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def engine_failure(engine: AsyncEngine, message: str) -> APIError:
-    if not engine.is_alive:
+def engine_failure(engine_alive: bool, message: str) -> APIError:
+    if not engine_alive:
         return engine_unavailable(message)
     return APIError(500, message)
 

@@ -36,3 +36,8 @@ class EventStreamResponse(StreamingResponse):
         finally:
             await self._events.aclose()
             self._on_close()
+
+
+def named_event(name: str, payload: Any) -> bytes:
+    """One SSE frame with an `event:` line (the Anthropic stream's framing)."""
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from shoal.api.chat import ChatService
 from shoal.api.config import ServerConfig
 from shoal.api.metrics import ServerMetrics
 from shoal.api.served_model import ServedModel
@@ -18,6 +19,7 @@ class ServerState:
     config: ServerConfig
     model: ServedModel
     metrics: ServerMetrics
+    chat: ChatService
 
 
 def server_state(request: Request) -> ServerState:

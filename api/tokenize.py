@@ -8,10 +8,11 @@ from starlette.responses import Response
 from shoal.api.auth import require_api_key
 from shoal.api.body import parse_body
 from shoal.api.errors import bad_request
-from shoal.api.prompts import chat_prompt, check_token_ids, encode
+from shoal.api.chat import ChatPrompt
+from shoal.api.prompts import check_token_ids, encode
 from shoal.api.protocol import DetokenizeRequest, TokenizeRequest
 from shoal.api.serving import json_response
-from shoal.api.state import server_state
+from shoal.api.state import ServerState, server_state
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -24,21 +25,23 @@ async def tokenize(request: Request) -> Response:
     req = await parse_body(request, TokenizeRequest, server.config.max_request_bytes)
     server.model.resolve(req.model)
     tokenizer = server.engine.tokenizer
-    tokens = _tokens(tokenizer, req)
+    tokens = await _tokens(server, req)
     token_strs = tokenizer.convert_ids_to_tokens(tokens) if req.return_token_strs else None
     return json_response({"count": len(tokens), "max_model_len": server.model.max_model_len,
                           "tokens": tokens, "token_strs": token_strs})
 
 
-def _tokens(tokenizer: object, req: TokenizeRequest) -> list[int]:
+async def _tokens(server: ServerState, req: TokenizeRequest) -> list[int]:
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("Send exactly one of `prompt` or `messages`.", "prompt")
     if req.messages is not None:
         if not req.messages:
             raise bad_request("`messages` must not be empty.", "messages")
-        return chat_prompt(tokenizer, req.messages, None, req.add_generation_prompt)
+        prompt = ChatPrompt([m.template_dict() for m in req.messages], req.tools,
+                            dict(req.chat_template_kwargs or {}), req.add_generation_prompt)
+        return await server.chat.render(prompt)
     add_special = True if req.add_special_tokens is None else req.add_special_tokens
-    return encode(tokenizer, req.prompt, add_special)
+    return encode(server.engine.tokenizer, req.prompt, add_special)
 
 
 @router.post("/detokenize")

@@ -103,8 +103,9 @@ def special_token_id(token: str) -> int:
     return 256 + SPECIAL_TOKENS.index(token)
 
 
-def _build_tokenizer_json() -> str:
-    """Serialise a byte-level BPE tokenizer whose id ``b`` is byte ``b``."""
+def _build_tokenizer_json(extra_tokens: tuple[str, ...] = ()) -> str:
+    """Serialise a byte-level BPE tokenizer whose id ``b`` is byte ``b``; ``extra_tokens``
+    (ordinary, non-special added tokens) follow the special ones."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     byte_map = bytes_to_unicode()
@@ -114,10 +115,11 @@ def _build_tokenizer_json() -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
     return tok.to_str(pretty=True)
 
 
-def _tokenizer_config() -> dict[str, Any]:
+def _tokenizer_config(chat_template: str = CHAT_TEMPLATE) -> dict[str, Any]:
     """The ``tokenizer_config.json`` contents transformers needs for our tokenizer."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -129,7 +131,7 @@ def _tokenizer_config() -> dict[str, Any]:
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
 
 

@@ -102,7 +102,7 @@ def make_scripted_model(out_dir: str | Path, scripts: dict[str, list[str]],
         "hidden_size": hidden_size, "num_hidden_layers": 1, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 2 * hidden_size, "head_dim": None,
         "vocab_size": vocab_size, "seed": seed, "tie_word_embeddings": False,
-        "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-5})
+        "max_position_embeddings": 131072, "rope_theta": 10000.0, "rms_norm_eps": 1e-5})
     config = _model_config("llama", params)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

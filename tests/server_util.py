@@ -137,6 +137,27 @@ def auth_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     yield from serve([*tiny_args(tiny_model_dir), *keys], tmp_path_factory.mktemp("logs") / "auth.log")
 
 
+# The scripted "agent" model (bench/scripted_model.py): a prompt ending the generation
+# prompt with thinking on gets AGENT_TOOL_SCRIPT, with thinking off AGENT_TEXT_SCRIPT.
+AGENT_TOOL_SCRIPT = ["<think>", "The user wants the weather.", "</think>", "\n\nLet me check.",
+                     "<tool_call>", '\n{"name": "get_weather", "arguments": ', '{"city": "Paris"}}',
+                     "\n</tool_call>"]
+AGENT_TEXT_SCRIPT = ["Hello", " from", " Shoal."]
+AGENT_MAX_MODEL_LEN = 65536  # the byte tokenizer spends a token per character of Claude Code's prompts
+
+
+@pytest.fixture(scope="session")
+def agent_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from shoal.bench.scripted_model import make_scripted_model
+
+    model = make_scripted_model(tmp_path_factory.mktemp("api-models") / "agent",
+                                {"\n": AGENT_TOOL_SCRIPT, "\n\n": AGENT_TEXT_SCRIPT})
+    args = [str(model), "--blas", "reference", "--max-model-len", str(AGENT_MAX_MODEL_LEN),
+            "--kv-cache-memory", "64MiB", "--served-model-name", "agent", "--alias", "shoal-capture",
+            "--alias", "shoal-tiny"]  # the names in shared/claude-code/captured
+    yield from serve(args, tmp_path_factory.mktemp("logs") / "agent.log")
+
+
 @pytest.fixture(scope="session")
 def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The built-in default model: no MODEL argument on purpose."""

@@ -111,6 +111,18 @@ CASES = [
     Case("detokenize-out-of-vocab", "/detokenize", {"tokens": [5, 10**7]}, param="tokens"),
     Case("detokenize-missing-tokens", "/detokenize", {}, param="tokens"),
     Case("unknown-route", "/v1/nothing-here", chat(), status=404),
+    # vLLM fields Shoal does not honour yet: refused by name, never dropped.
+    Case("guided-json", CHAT, chat(guided_json={"type": "object"}), param="guided_json"),
+    Case("guided-regex", COMPLETIONS, completion(guided_regex="a+"), param="guided_regex"),
+    Case("guided-choice", CHAT, chat(guided_choice=["a", "b"]), param="guided_choice"),
+    Case("structured-outputs", CHAT, chat(structured_outputs={"json": {}}), param="structured_outputs"),
+    Case("prompt-logprobs", COMPLETIONS, completion(prompt_logprobs=1), param="prompt_logprobs"),
+    Case("best-of", CHAT, chat(best_of=3), param="best_of"),
+    Case("tool-choice-required", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}],
+                                            tool_choice="required"), param="tool_choice"),
+    Case("continue-without-assistant", CHAT, chat(continue_final_message=True),
+         param="continue_final_message"),
+    Case("chat-template-kwargs-wrong-type", CHAT, chat(chat_template_kwargs="x"), param="chat_template_kwargs"),
     Case("get-on-post-route", CHAT, None, status=405, method="GET"),
 ]
 

@@ -8,6 +8,7 @@ subcommand imports its heavy modules inside its handler, after `preload_blas`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -93,8 +94,23 @@ def add_chat_options(p: argparse.ArgumentParser) -> None:
                         "(default: the tokenizer's think tokens, if any)")
     p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                    help="a Jinja chat template (file or inline text) replacing the model's")
+    p.add_argument("--override-generation-config", type=generation_config, default={}, metavar="JSON",
+                   help="sampling defaults for requests that leave them out, over the model's "
+                        "generation_config.json, e.g. '{\"temperature\": 0}' (keys: temperature, "
+                        "top_p, top_k, min_p, repetition_penalty)")
     p.add_argument("--sse-ping-interval", type=float, default=5.0, metavar="SECONDS",
                    help="Anthropic streams send a ping after this much silence (default 5)")
+
+
+def generation_config(text: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    known = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    if not isinstance(value, dict) or any(k not in known for k in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON object with keys among {', '.join(known)}")
+    return value
 
 
 def chat_template(value: str | None) -> str | None:
@@ -110,9 +126,11 @@ def chat_template(value: str | None) -> str | None:
 def check_chat_options(args: argparse.Namespace) -> None:
     """Fail on unknown parser names before the model loads."""
     from shoal.api.tool_formats import THINK_REASONING_PARSERS, load_tool_format
+    from shoal.engine.sampling_params import SamplingParams
 
     if args.tool_call_parser not in (None, "none"):
         load_tool_format(args.tool_call_parser)
+    SamplingParams(**args.override_generation_config)  # the ranges any request must respect
     if args.reasoning_parser not in (None, "none", *THINK_REASONING_PARSERS):
         raise ValueError(f"unknown reasoning parser {args.reasoning_parser!r}; known: "
                          f"{', '.join(THINK_REASONING_PARSERS)}, none")
@@ -171,6 +189,7 @@ def run_serve(args: argparse.Namespace) -> int:
                               tool_call_parser=args.tool_call_parser,
                               reasoning_parser=args.reasoning_parser,
                               chat_template=chat_template(args.chat_template),
+                              generation_config=tuple(args.override_generation_config.items()),
                               ping_interval=args.sse_ping_interval)
     except ValueError as exc:
         log.error("invalid configuration: %s", exc)

@@ -50,7 +50,8 @@ async def messages(request: Request) -> Response:
     req = await parse_body(request, MessagesRequest, server.config.max_request_bytes)
     model = _check(server, req)
     prompt = await server.chat.render(chat_prompt(req))
-    params = sampling_params(req, len(prompt), server.engine.info.max_model_len)
+    params = sampling_params(req, len(prompt), server.engine.info.max_model_len,
+                             server.sampling_defaults)
     request_id = new_request_id(request.state.request_id)
     run = start(lambda: server.chat.start(prompt, [params], request_id, None,
                                           req.tools, parse_tools(req)), "messages")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.api.chat import ChatPrompt
 from shoal.api.errors import APIError, bad_request
+from shoal.api.sampling import SamplingDefaults, given
 from shoal.engine.sampling_params import SamplingParams, SamplingParamsError
 
 STRICT = ConfigDict(strict=True, extra="ignore", frozen=True)
@@ -195,7 +196,8 @@ def prompt_too_long(num_prompt: int, max_model_len: int) -> APIError:
                        "messages")
 
 
-def sampling_params(req: MessagesRequest, num_prompt: int, max_model_len: int) -> SamplingParams:
+def sampling_params(req: MessagesRequest, num_prompt: int, max_model_len: int,
+                    defaults: SamplingDefaults) -> SamplingParams:
     """`max_tokens` clamped to the room left in the context window (Claude Code asks for
     32000 whatever the model)."""
     if req.max_tokens is None:
@@ -204,8 +206,9 @@ def sampling_params(req: MessagesRequest, num_prompt: int, max_model_len: int) -
         raise prompt_too_long(num_prompt, max_model_len)
     try:
         return SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+            temperature=given(req.temperature, defaults.temperature),
+            top_p=given(req.top_p, defaults.top_p), top_k=given(req.top_k, defaults.top_k),
+            min_p=defaults.min_p, repetition_penalty=defaults.repetition_penalty,
             max_tokens=min(req.max_tokens, max_model_len - num_prompt),
             stop=tuple(req.stop_sequences or ()))
     except SamplingParamsError as exc:

@@ -15,6 +15,7 @@ from shoal.api.chat import ChatService
 from shoal.api.config import ServerConfig
 from shoal.api.errors import install_error_handlers
 from shoal.api.metrics import ServerMetrics
+from shoal.api.sampling import SamplingDefaults
 from shoal.api.request_id import RequestIdMiddleware
 from shoal.api.served_model import ServedModel
 from shoal.api.state import ServerState
@@ -50,9 +51,10 @@ def _lifespan(config: ServerConfig, engine_config: EngineConfig, factory: Engine
                                       info.max_model_len)
         metrics = ServerMetrics(engine, model.name, info.max_model_len)
         chat = chat_service(engine, config)
-        app.state.server = ServerState(engine, config, model, metrics, chat)
+        defaults = SamplingDefaults.load(info.path, dict(config.generation_config))
+        app.state.server = ServerState(engine, config, model, metrics, chat, defaults)
         log_limits(model, engine_config, config)
-        log.info("tool calls: %s; reasoning: %s",
+        log.info("sampling defaults: %s; tool calls: %s; reasoning: %s", defaults,
                  chat.tool_format.name if chat.tool_format else "not parsed (no parser for this model)",
                  f"{chat.reasoning.start}...{chat.reasoning.end}" if chat.reasoning else "not parsed")
         try:

@@ -18,6 +18,7 @@ class ServerConfig:
     tool_call_parser: str | None = None  # None = detect from the tokenizer; "none" = off
     reasoning_parser: str | None = None  # None = the tokenizer's think markers; "none" = off
     chat_template: str | None = None  # a Jinja template replacing the model's
+    generation_config: tuple[tuple[str, float], ...] = ()  # --override-generation-config
     ping_interval: float = 5.0  # seconds of silence before an Anthropic stream sends a ping
 
     def __post_init__(self) -> None:

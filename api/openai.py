@@ -41,7 +41,7 @@ async def chat_completions(request: Request) -> Response:
     prompt = await server.chat.render(chat_prompt(req))
     logprobs = chat_logprobs(req)
     max_tokens = resolve_max_tokens(req.requested_max_tokens, len(prompt), engine.info.max_model_len)
-    params = sampling_params(req, max_tokens, logprobs, engine.info.vocab_size)
+    params = sampling_params(req, max_tokens, logprobs, engine.info.vocab_size, server.sampling_defaults)
     request_id = new_request_id(request.state.request_id)
     parse_tools = req.tool_choice != "none"
     run = start(lambda: server.chat.start(prompt, params, request_id, req.cache_salt, req.tools,
@@ -66,7 +66,8 @@ async def completions(request: Request) -> Response:
     logprobs = completion_logprobs(req)
     params = [sampling_params(req, resolve_max_tokens(req.max_tokens, len(p.token_ids),
                                                       engine.info.max_model_len),
-                              logprobs, engine.info.vocab_size) for p in prompts]
+                              logprobs, engine.info.vocab_size, server.sampling_defaults)
+              for p in prompts]
     request_id = new_request_id(request.state.request_id)
     run = start(lambda: ChoiceStreams.start(engine, [p.token_ids for p in prompts], params,
                                             request_id, req.cache_salt), "prompt")

@@ -7,11 +7,38 @@ window, logit_bias keys, the top_logprobs/logprobs pairing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
 
 from shoal.api.errors import bad_request, context_length_exceeded
 from shoal.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from shoal.engine.sampling_params import SamplingParams, SamplingParamsError
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves a knob out gets: the model's `generation_config.json`
+    (vLLM's `--generation-config auto`), overridden by `--override-generation-config`."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def load(cls, model_dir: str, override: dict[str, Any]) -> SamplingDefaults:
+        path = Path(model_dir) / "generation_config.json"
+        try:
+            found = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            found = {}
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in {**found, **override}.items() if k in names and v is not None}
+        SamplingParams(**values)  # the same range checks as any request (ValueError)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -44,31 +71,34 @@ def resolve_max_tokens(requested: int | None, num_prompt: int, max_model_len: in
 
 
 def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: LogprobsRequest,
-                    vocab_size: int) -> list[SamplingParams]:
+                    vocab_size: int, defaults: SamplingDefaults = SamplingDefaults()) -> list[SamplingParams]:
     """The n SamplingParams for one prompt; a seeded request gives choice i seed + i so the
     choices differ yet stay reproducible."""
     bias = logit_bias(req.logit_bias, vocab_size)
     seeds = [None if req.seed is None else req.seed + i for i in range(req.n)]
     try:
-        return [_params(req, max_tokens, logprobs, bias, seed) for seed in seeds]
+        return [_params(req, max_tokens, logprobs, bias, seed, defaults) for seed in seeds]
     except SamplingParamsError as exc:
         raise bad_request(str(exc), exc.param) from None
 
 
 def _params(req: SamplingRequest, max_tokens: int, logprobs: LogprobsRequest,
-            bias: tuple[tuple[int, float], ...], seed: int | None) -> SamplingParams:
-    def given(value: float | None, default: float) -> float:
-        return default if value is None else value
-
+            bias: tuple[tuple[int, float], ...], seed: int | None,
+            defaults: SamplingDefaults) -> SamplingParams:
     return SamplingParams(
-        temperature=given(req.temperature, 1.0), top_p=given(req.top_p, 1.0),
-        top_k=max(req.top_k or 0, 0), min_p=given(req.min_p, 0.0),
-        repetition_penalty=given(req.repetition_penalty, 1.0),
+        temperature=given(req.temperature, defaults.temperature), top_p=given(req.top_p, defaults.top_p),
+        top_k=defaults.top_k if req.top_k is None else max(req.top_k, 0),
+        min_p=given(req.min_p, defaults.min_p),
+        repetition_penalty=given(req.repetition_penalty, defaults.repetition_penalty),
         presence_penalty=given(req.presence_penalty, 0.0),
         frequency_penalty=given(req.frequency_penalty, 0.0),
         seed=seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
         logprobs=logprobs.enabled, top_logprobs=logprobs.top, logit_bias=bias)
+
+
+def given(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:

@@ -9,6 +9,7 @@ from fastapi import Request
 from shoal.api.chat import ChatService
 from shoal.api.config import ServerConfig
 from shoal.api.metrics import ServerMetrics
+from shoal.api.sampling import SamplingDefaults
 from shoal.api.served_model import ServedModel
 from shoal.engine.async_engine import AsyncEngine
 
@@ -20,6 +21,7 @@ class ServerState:
     model: ServedModel
     metrics: ServerMetrics
     chat: ChatService
+    sampling_defaults: SamplingDefaults
 
 
 def server_state(request: Request) -> ServerState:

@@ -160,6 +160,8 @@ def agent_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The built-in default model: no MODEL argument on purpose."""
-    args = ["--kv-cache-memory", "256MiB", "--max-model-len", "2048"]
+    """The built-in default model: no MODEL argument on purpose. Requests that leave
+    the temperature out decode greedily (Claude Code sends none)."""
+    args = ["--kv-cache-memory", "256MiB", "--max-model-len", "2048",
+            "--override-generation-config", '{"temperature": 0}']
     yield from serve(args, tmp_path_factory.mktemp("logs") / "smollm2.log")

@@ -80,3 +80,14 @@ def test_completions_whole_and_streamed(client):
     assert "Paris" in whole.choices[0].text
     streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs))
     assert streamed == whole.choices[0].text
+
+
+def test_override_generation_config_is_the_default_temperature(client):
+    # The server runs with --override-generation-config '{"temperature": 0}'.
+    greedy = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=10)
+    for _ in range(2):
+        default = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=10)
+        assert default.choices[0].message.content == greedy.choices[0].message.content
+    sampled = {client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=10, temperature=2.0,
+                                              seed=s).choices[0].message.content for s in range(3)}
+    assert sampled != {greedy.choices[0].message.content}  # an explicit temperature still wins

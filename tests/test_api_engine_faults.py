@@ -75,6 +75,24 @@ def test_stream_ends_with_error_event_then_everything_is_503(tiny_model_dir: Pat
     asyncio.run(with_engine(tiny_model_dir, lambda c: failing_runner(c, 4), scenario))
 
 
+def test_anthropic_stream_ends_with_error_event(tiny_model_dir: Path):
+    async def scenario(client: httpx.AsyncClient) -> None:
+        body = {"model": "claude-x", "max_tokens": 50, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}
+        response = await client.post("/v1/messages", json=body)
+        frames = response.text.strip().split("\n\n")
+        names = [f.split("\n")[0] for f in frames]
+        assert names[0] == "event: message_start" and names[-1] == "event: error"
+        assert "event: message_stop" not in names
+        error = orjson.loads(frames[-1].split("\n")[1][6:])
+        assert error["type"] == "error" and error["error"]["type"] == "overloaded_error"
+        assert "simulated device failure" in error["error"]["message"]
+        again = await client.post("/v1/messages", json={**body, "stream": False})
+        assert again.status_code == 503 and again.json()["type"] == "error"
+
+    asyncio.run(with_engine(tiny_model_dir, lambda c: failing_runner(c, 4), scenario))
+
+
 def test_whole_request_in_flight_gets_503(tiny_model_dir: Path):
     async def scenario(client: httpx.AsyncClient) -> None:
         response = await client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 50})

@@ -17,6 +17,7 @@ which are `cache_read_input_tokens`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, suppress
 from typing import Any
@@ -49,12 +50,14 @@ async def messages(request: Request) -> Response:
     server = server_state(request)
     req = await parse_body(request, MessagesRequest, server.config.max_request_bytes)
     model = _check(server, req)
-    prompt = await server.chat.render(chat_prompt(req))
+    conversation = chat_prompt(req)
+    prompt = await server.chat.render(conversation)
     params = sampling_params(req, len(prompt), server.engine.info.max_model_len,
                              server.sampling_defaults)
     request_id = new_request_id(request.state.request_id)
+    # Tool parsers look argument types up in OpenAI-shaped tools (function.parameters).
     run = start(lambda: server.chat.start(prompt, [params], request_id, None,
-                                          req.tools, parse_tools(req)), "messages")
+                                          conversation.tools, parse_tools(req)), "messages")
     message = MessageWriter(f"msg_{request_id.replace('-', '')}", model, len(prompt))
     return await serve(request, run, req.stream,
                        events=lambda r: stream_events(r, message, server.config.ping_interval),
@@ -98,6 +101,8 @@ class MessageWriter:
         return self.envelope(content, *stop_fields(result.final, result.finish), usage(result.final))
 
     def start(self) -> bytes:
+        # The cache split is known only once the request is scheduled: message_start counts
+        # the whole prompt as input, message_delta (which the SDKs take as final) splits it.
         opening = self.envelope([], None, None, {"input_tokens": self.num_prompt_tokens,
                                                  "output_tokens": 0})
         return named_event("message_start", {"type": "message_start", "message": opening})
@@ -167,21 +172,25 @@ def usage(output: RequestOutput | None) -> dict:
 
 
 async def stream_events(run: ChatRun, message: MessageWriter, ping_interval: float) -> AsyncGenerator[bytes, None]:
+    """A ping goes out after `ping_interval` without a frame: while the engine is silent
+    (prefill) and while the parser holds a long tool call back."""
     yield message.start()
-    async with aclosing(run.deltas()) as deltas:
-        async for delta in with_pings(deltas, ping_interval):
-            if delta is None:
-                yield PING
-            elif delta.output.error is not None:
+    last_frame = time.monotonic()
+    async with aclosing(run.deltas()) as deltas, aclosing(with_pings(deltas, ping_interval)) as items:
+        async for delta in items:
+            if delta is not None and delta.output.error is not None:
                 error = engine_failure(run.engine.is_alive, delta.output.error)
                 yield named_event("error", error.anthropic_body())
                 return
-            else:
-                for frame in message.segments(delta.segments):
-                    yield frame
-                if delta.output.finished:
-                    for frame in message.end(delta):
-                        yield frame
+            frames = [] if delta is None else message.segments(delta.segments)
+            if delta is not None and delta.output.finished:
+                frames += message.end(delta)
+            if not frames and time.monotonic() - last_frame >= ping_interval:
+                frames = [PING]
+            for frame in frames:
+                yield frame
+            if frames:
+                last_frame = time.monotonic()
 
 
 async def with_pings(deltas: AsyncIterator[ChatDelta], interval: float) -> AsyncGenerator[ChatDelta | None, None]:

@@ -128,6 +128,9 @@ def _tool_result_text(block: dict[str, Any], where: str) -> str:
                 parts.append(_text_block(part, loc))
             elif kind == "tool_reference":
                 parts.append(f"Tool loaded: {part.get('tool_name', '')}")
+            elif kind in ("image", "document"):
+                # A tool's picture (Claude Code reading a PNG) must not fail the whole turn.
+                parts.append(f"[{kind} omitted: this model does not accept {kind} input]")
             else:
                 raise _unsupported_block(kind, loc)
         text = "\n".join(parts)

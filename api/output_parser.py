@@ -115,9 +115,9 @@ class OutputParser:
         index = self.buffer.find(self.tool.end)
         if index < 0:
             return False
-        self._emit_calls(self.buffer[:index], closed=True)
+        parsed = self._emit_calls(self.buffer[:index], closed=True)
         self.buffer = self.buffer[index + len(self.tool.end):]
-        self._enter(_State.TEXT)
+        self.state, self.strip_next = _State.TEXT, parsed
         return True
 
     def _step_text(self) -> bool:
@@ -158,7 +158,7 @@ class OutputParser:
 
     def _text_markers(self) -> list[str]:
         markers = []
-        if self.reasoning is not None:
+        if self.reasoning is not None and not self.started:  # thinking comes first, or not at all
             markers.append(self.reasoning.start)
         if self.tool is not None and self.tool.start:
             markers.append(self.tool.start)
@@ -169,8 +169,8 @@ class OutputParser:
         self.strip_next = True
 
     def _emit(self, kind: SegmentKind, text: str) -> None:
-        if self.strip_next:
-            text = text.lstrip()
+        if self.strip_next:  # the newlines templates put after a marker; indentation stays
+            text = text.lstrip("\r\n")
         if not text:
             return
         self.strip_next = False
@@ -181,19 +181,23 @@ class OutputParser:
         else:
             self._out.append(Segment(kind, text))
 
-    def _emit_calls(self, body: str, closed: bool) -> None:
+    def _emit_calls(self, body: str, closed: bool) -> bool:
+        """The calls in `body`, or `body` back as text if it does not parse; True if parsed."""
         try:
             parsed = self.tool.parse(body, self.tools)
             calls = [ToolCall.from_parsed(c) for c in (parsed if isinstance(parsed, list) else [parsed])]
+            if not calls:
+                raise ValueError("no call")
         except Exception as exc:  # noqa: BLE001 - parsers raise anything; the text is kept
             log.warning("unparsable %s tool call (%s: %s); returned as text",
                         self.tool.name, type(exc).__name__, exc)
             self.strip_next = False
             self._emit(SegmentKind.TEXT, self.call_marker + body + (self.tool.end if closed else ""))
-            return
+            return False
         self.started = True
         self.num_calls += len(calls)
         self._out.extend(Segment(SegmentKind.TOOL_CALL, call=c) for c in calls)
+        return True
 
     def _take(self) -> list[Segment]:
         out, self._out = self._out, []

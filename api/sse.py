@@ -34,8 +34,10 @@ class EventStreamResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._events.aclose()
-            self._on_close()
+            try:
+                await self._events.aclose()
+            finally:
+                self._on_close()
 
 
 def named_event(name: str, payload: Any) -> bytes:

@@ -195,6 +195,12 @@ def test_errors_have_anthropic_shape(agent_server: Server):
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
     assert "image" in error({**base, "messages": [{"role": "user", "content": [image]}]}, 400,
                             "invalid_request_error")
+    # ...but a tool's picture (Claude Code reading a PNG) becomes a note, not a failed turn.
+    turn = [*ASK, {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Read",
+                                                     "input": {"file_path": "a.png"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}]}]
+    assert httpx.post(agent_server.url("/v1/messages"), json={**base, "messages": turn},
+                      timeout=30).status_code == 200
     assert "tool_choice" in error({**base, "tools": [WEATHER_TOOL], "tool_choice": {"type": "any"}},
                                   400, "invalid_request_error")
     long = [{"role": "user", "content": "x" * AGENT_MAX_MODEL_LEN}]
@@ -274,3 +280,34 @@ def test_pings_fill_silence_without_cancelling_the_read():
     items = asyncio.run(gather())
     assert [i for i in items if i is not None] == [0.25, 0.0, 0.25]  # nothing lost to a timeout
     assert items.count(None) >= 3 and items[0] is None  # silence before the first item is filled
+
+
+def test_pings_while_the_parser_holds_a_tool_call_back():
+    import asyncio
+
+    from shoal.api.anthropic import MessageWriter, stream_events
+    from shoal.api.chat import ChatDelta, ChatRun
+    from shoal.api.output_parser import OutputParser
+    from shoal.api.tool_formats import load_tool_format
+    from shoal.engine.outputs import RequestOutput
+
+    class TrickleRun(ChatRun):  # a token every 20 ms, all inside one long tool call
+        def __init__(self):
+            self.parsers = [OutputParser(load_tool_format("hermes"), None)]
+
+        async def deltas(self):
+            pieces = ["<tool_call>", *(['{"name": "f", "arguments": {"x": "'] + ["a"] * 20 + ['"}}']),
+                      "</tool_call>"]
+            for i, piece in enumerate(pieces):
+                await asyncio.sleep(0.02)
+                last = i == len(pieces) - 1
+                out = RequestOutput("r", (1,), piece, last, None, 3, 0, i + 1)
+                yield ChatDelta(0, tuple(self.parsers[0].feed(piece)), out)
+
+    async def frames():
+        return [f async for f in stream_events(TrickleRun(), MessageWriter("m", "x", 3), 0.1)]
+
+    out = asyncio.run(frames())
+    names = [f.split(b"\n")[0] for f in out]
+    first_block = names.index(b"event: content_block_start")
+    assert names[1:first_block].count(b"event: ping") >= 2  # 0.5 s of held-back output

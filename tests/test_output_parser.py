@@ -49,7 +49,7 @@ FORMATS = {
     "qwen3_coder": (
         "Checking <tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
         "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call> after",
-        [("text", "Checking "), ("call", ("get_weather", {"city": "Paris", "days": 3})), ("text", "after")]),
+        [("text", "Checking "), ("call", ("get_weather", {"city": "Paris", "days": 3})), ("text", " after")]),
     "llama3_json": (
         '{"name": "get_weather", "parameters": {"city": "Paris"}}',
         [("call", ("get_weather", PARIS))]),
@@ -107,6 +107,16 @@ def test_unparsable_or_unfinished_call_is_returned_as_text():
     assert run(lambda: OutputParser(fmt, None), list(broken)) == [("text", broken)]
     cut = 'x<tool_call>\n{"name": "get_weather", "argu'
     assert run(lambda: OutputParser(fmt, None), list(cut)) == [("text", cut)]
+
+
+def test_text_after_calls_and_literal_think_markers_are_kept():
+    fmt = load_tool_format("hermes")
+    text = 'Run:<tool_call>{"name": "f", "arguments": {}}</tool_call>\n\n    indented <think>literal</think>'
+    for pieces in all_splits(text):
+        assert run(lambda: OutputParser(fmt, THINK), pieces) == [
+            ("text", "Run:"), ("call", ("f", {})), ("text", "    indented <think>literal</think>")]
+    bad = "x <tool_call>{bad</tool_call> y"
+    assert run(lambda: OutputParser(fmt, THINK), list(bad)) == [("text", bad)]
 
 
 def test_marker_prefix_that_is_not_a_marker_is_released():

@@ -65,6 +65,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context window (default: the model's, capped by the KV pool)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "gather", "cascade"],
+                   help="auto: cascade attention where rows share a long prefix of KV blocks, "
+                        "the gather path elsewhere; gather: never cascade; cascade: wherever two "
+                        "rows share a block")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--seed", type=int, default=0, help="seed for requests without their own")
     p.add_argument("--api-key", action="append", default=[],
@@ -170,7 +174,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, block_size=args.block_size, kv_cache_bytes=args.kv_cache_memory,
         num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, dtype=args.dtype, seed=args.seed)
+        enable_prefix_caching=not args.no_prefix_caching, dtype=args.dtype, seed=args.seed,
+        attention_backend=args.attention_backend)
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:

@@ -40,7 +40,10 @@ from shoal.bench.report import Grid, Summary, plot, render_markdown, summarize
 from shoal.bench.serve import ServeConfig, run_benchmark
 from shoal.bench.workloads import Session, TextSource, WorkloadConfig, build_sessions
 
-SERVER_KINDS: tuple[str, ...] = ("shoal", "shoal-no-prefix-caching", "mlx_lm", "vllm_mlx")
+SERVER_KINDS: tuple[str, ...] = ("shoal", "shoal-no-prefix-caching", "shoal-no-cascade", "mlx_lm",
+                                 "vllm_mlx")
+SHOAL_VARIANTS = {"shoal": (), "shoal-no-prefix-caching": ("--no-prefix-caching",),
+                  "shoal-no-cascade": ("--attention-backend", "gather")}
 SHOAL_MODEL_NAME = "bench"
 STOP_GRACE_S = 15.0
 # Counters read from /metrics before and after each measurement (vLLM names).
@@ -121,8 +124,8 @@ def blas_library(blas: str) -> str | None:
 def server_spec(name: str, model_dir: str, blas: str, shoal_args: tuple[str, ...] = ()) -> ServerSpec:
     """The command line for one of SERVER_KINDS, listening on 127.0.0.1:{port}."""
     loopback = ("--host", "127.0.0.1", "--port", "{port}")
-    if name.startswith("shoal"):
-        extra = ("--no-prefix-caching",) if name == "shoal-no-prefix-caching" else ()
+    if name in SHOAL_VARIANTS:
+        extra = SHOAL_VARIANTS[name]
         argv = (sys.executable, "-m", "shoal", "serve", model_dir, *loopback, "--served-model-name",
                 SHOAL_MODEL_NAME, "--blas", blas, *extra, *shoal_args)
         return ServerSpec(name, argv, SHOAL_MODEL_NAME)

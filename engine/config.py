@@ -20,6 +20,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # auto = float32 on CPU (only float32 uses BLAS), checkpoint's own on GPU
     seed: int = 0  # seeds sampling for requests without their own seed
+    attention_backend: str = "auto"  # auto (cascade where the cost rule says), gather, cascade
 
     def __post_init__(self) -> None:
         checks = [
@@ -30,6 +31,8 @@ class EngineConfig:
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
             (self.dtype in ("auto", "float32", "float16", "bfloat16"), f"unknown dtype {self.dtype!r}"),
+            (self.attention_backend in ("auto", "gather", "cascade"),
+             f"attention_backend must be auto, gather or cascade, got {self.attention_backend!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -22,9 +22,9 @@ import numpy as np
 from shoal.engine.config import EngineConfig
 from shoal.engine.loader import load_model
 from shoal.engine.outputs import ModelRunnerOutput, SchedulerOutput, ScheduledRequest
-from shoal.engine.paged_cache import PagedKVCache, StepContext, install_attention
+from shoal.engine.attention import AttentionSelector
+from shoal.engine.paged_cache import PagedKVCache, install_attention
 from shoal.engine.sampler import Sampler, to_logprobs
-from shoal.kernels.paged_attention import build_step_indices
 
 log = logging.getLogger("shoal")
 
@@ -140,7 +140,8 @@ def _max_position(model) -> int | None:
 
 
 class ModelRunner:
-    def __init__(self, model, tokenizer, info: ModelInfo, layout: KVLayout, seed: int):
+    def __init__(self, model, tokenizer, info: ModelInfo, layout: KVLayout, seed: int,
+                 attention_backend: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
@@ -155,6 +156,7 @@ class ModelRunner:
         mx.eval([c.state for c in self.caches])
         self.sampler = Sampler(info.vocab_size, seed)
         self._split = split_head(model)
+        self.attention = AttentionSelector(attention_backend, info.block_size, num_slots, layout.num_kv_heads)
         install_attention(model)
 
     @classmethod
@@ -180,7 +182,7 @@ class ModelRunner:
             dtype=str(layout.dtype).removeprefix("mlx.core."), num_blocks=num_blocks,
             block_size=config.block_size, max_model_len=max_model_len,
             eos_token_ids=frozenset(tokenizer.eos_token_ids), kv_cache_bytes=num_blocks * per_block)
-        return cls(model, tokenizer, info, layout, config.seed)
+        return cls(model, tokenizer, info, layout, config.seed, config.attention_backend)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """One forward over every scheduled request, then one batched sample."""
@@ -227,9 +229,7 @@ class ModelRunner:
         tokens = np.zeros((len(rows), max(lengths)), dtype=np.int32)
         for i, r in enumerate(rows):
             tokens[i, :lengths[i]] = r.token_ids
-        idx = build_step_indices([r.block_ids for r in rows], [r.start_pos for r in rows], lengths,
-                                 self.info.block_size, self.num_slots, self.info.num_kv_heads)
-        ctx = StepContext.from_indices(idx, self.info.block_size)
+        ctx = self.attention.step_context([r.block_ids for r in rows], [r.start_pos for r in rows], lengths)
         for cache in self.caches:
             cache.ctx = ctx
         last = (mx.arange(len(rows)), mx.array(lengths) - 1)

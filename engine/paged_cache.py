@@ -1,35 +1,18 @@
 """A per-layer cache object that speaks mlx-lm's cache protocol over the paged pool, so
 every mlx-lm attention model runs unmodified: the model calls `make_mask`, rotates with
 `offset`, and `update_and_fetch` writes this step's K/V into the pool and returns each
-row's gathered context.
+row's gathered context. The attention call itself goes to the forward's backend
+(`engine/attention.py`) through `install_attention`.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import mlx.core as mx
 
-from shoal.kernels.paged_attention import StepIndices, attention, gather_kv, write_kv
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """MLX copies of one step's indices, shared by every layer."""
-
-    num_rows: int
-    write_rows: mx.array
-    gather_blocks: mx.array
-    positions: mx.array
-    mask: mx.array
-    block_size: int
-
-    @classmethod
-    def from_indices(cls, idx: StepIndices, block_size: int) -> StepContext:
-        return cls(num_rows=len(idx.positions), write_rows=mx.array(idx.write_rows),
-                   gather_blocks=mx.array(idx.gather_blocks), positions=mx.array(idx.positions),
-                   mask=mx.array(idx.mask), block_size=block_size)
+from shoal.engine.attention import StepContext
+from shoal.kernels.paged_attention import gather_kv, write_kv
 
 
 class PagedKVCache:
@@ -52,6 +35,8 @@ class PagedKVCache:
         return self.ctx.mask
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write, then return the full gather. A backend that reads the pool itself leaves
+        it unused, and MLX, being lazy, never computes it."""
         ctx = self.ctx
         write_kv(self.k_pool, keys, ctx.write_rows)
         write_kv(self.v_pool, values, ctx.write_rows)
@@ -64,13 +49,11 @@ class PagedKVCache:
 
 
 def install_attention(model) -> None:
-    """On CPU, route attention over a PagedKVCache to `kernels.attention`, which beats MLX's
-    CPU fallback of `mx.fast.scaled_dot_product_attention`. mlx-lm models call the
+    """Route attention over a PagedKVCache to the forward's backend. mlx-lm models call the
     `scaled_dot_product_attention` their module imported; wrapping that name dispatches on the
     cache type, so every other caller (mlx-lm's own KVCache, quantized caches) is untouched.
-    On Metal and CUDA the fused kernel stays."""
-    if mx.default_device() != mx.cpu:
-        return
+    A model that calls MLX's kernel directly still gets the right answer from the full
+    gather `update_and_fetch` returns; it just never uses cascade."""
     module = sys.modules[type(model).__module__]
     original = getattr(module, "scaled_dot_product_attention", None)
     if original is None or getattr(original, "paged_dispatch", False):
@@ -78,7 +61,7 @@ def install_attention(model) -> None:
 
     def dispatch(queries, keys, values, cache, scale, mask, sinks=None):
         if isinstance(cache, PagedKVCache) and sinks is None:
-            return attention(queries, keys, values, scale, mask)
+            return cache.ctx.backend.attend(cache.ctx, cache, queries, keys, values, scale, mask, original)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     dispatch.paged_dispatch = True

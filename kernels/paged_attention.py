@@ -30,6 +30,7 @@ class StepIndices:
     positions: np.ndarray  # (R,) position of each row's first query token
     mask: np.ndarray  # (R, 1, L, S) bool: key s visible to query l of row r
     num_context: int  # S = B * block_size, padded to whole blocks
+    tables: np.ndarray  # (R, B) each row's block ids, the null block past its table
 
 
 def build_step_indices(block_tables: list[tuple[int, ...]], starts: list[int],
@@ -64,6 +65,7 @@ def build_step_indices(block_tables: list[tuple[int, ...]], starts: list[int],
         positions=starts_np.astype(np.int32),
         mask=mask,
         num_context=num_ctx,
+        tables=tables,
     )
 
 

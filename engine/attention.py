@@ -1,0 +1,115 @@
+"""Attention backends: how one forward's rows attend over the paged KV pool.
+
+The runner picks a backend per forward from the rows' block tables (`AttentionSelector`);
+every layer's `PagedKVCache` then writes this forward's K/V and defers to it.
+
+    gather   the reference: each row's whole context gathered from the pool, masked
+             attention (folded query heads on CPU, MLX's fused kernel on Metal and CUDA)
+    cascade  rows sharing leading physical blocks attend that prefix once, together, then
+             each its own suffix, merged exactly (`kernels/cascade.py`)
+
+`--attention-backend auto` (the default) uses cascade only where the cost rule finds a group
+of rows sharing at least CASCADE_MIN_PREFIX_TOKENS tokens of blocks whose per-row reads saved,
+(rows - 1) x prefix, reach CASCADE_MIN_SAVED_TOKENS; `cascade` uses it wherever two rows share
+a block (tests); `gather` never.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from shoal.kernels.cascade import CascadeIndices, build_cascade_indices, cascade_attention, plan_cascade
+from shoal.kernels.paged_attention import attention, build_step_indices
+
+ATTENTION_BACKENDS = ("auto", "gather", "cascade")
+# Below these a group's prefix pass costs more than the per-row reads it saves. Measured with
+# `python -m shoal.bench.cascade attention` (SmolLM2's KV shape, CPU): cascade / gather step
+# time is 1.06x at 2 rows x 2k, 1.03x at 8 x 512, 0.83x at 8 x 256, 0.72x at 32 x 256,
+# 0.16x at 32 x 2k.
+CASCADE_MIN_PREFIX_TOKENS = 256
+CASCADE_MIN_SAVED_TOKENS = 4096
+CASCADE_MIN_ROWS = 2
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """MLX copies of one forward's indices, shared by every layer, and its backend."""
+
+    num_rows: int
+    write_rows: mx.array
+    gather_blocks: mx.array
+    positions: mx.array
+    mask: mx.array
+    block_size: int
+    backend: GatherAttention
+    cascade: CascadeIndices | None = None
+
+
+class GatherAttention:
+    """The reference: attend over each row's whole gathered context."""
+
+    name = "gather"
+
+    def attend(self, ctx: StepContext, cache, queries, keys, values, scale, mask, fused):
+        if mx.default_device() == mx.cpu:
+            return attention(queries, keys, values, scale, mask)
+        return fused(queries, keys, values, cache=None, scale=scale, mask=mask)
+
+
+class CascadeAttention(GatherAttention):
+    """Shared prefixes once per group, suffixes per row. `keys`/`values` (the full gather)
+    go unused, so MLX never computes them."""
+
+    name = "cascade"
+
+    def attend(self, ctx: StepContext, cache, queries, keys, values, scale, mask, fused):
+        return cascade_attention(queries, cache.k_pool, cache.v_pool, ctx.cascade, scale,
+                                 cache.num_kv_heads, ctx.block_size)
+
+
+GATHER, CASCADE = GatherAttention(), CascadeAttention()
+
+
+class AttentionSelector:
+    """Builds each forward's StepContext and picks its backend."""
+
+    def __init__(self, mode: str, block_size: int, num_slots: int, num_kv_heads: int):
+        self.block_size = block_size
+        self.num_slots = num_slots
+        self.num_kv_heads = num_kv_heads
+        self.set_mode(mode)
+        self.num_cascade_forwards = 0  # forwards that ran cascade, for tests and benchmarks
+        self.num_prefix_tokens_shared = 0  # per-row prefix reads saved, summed over forwards
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {mode!r}")
+        self.mode = mode
+        forced = mode == "cascade"
+        self.min_blocks = 1 if forced else -(-CASCADE_MIN_PREFIX_TOKENS // self.block_size)
+        self.min_saved = 1 if forced else -(-CASCADE_MIN_SAVED_TOKENS // self.block_size)
+
+    def step_context(self, block_tables: list[tuple[int, ...]], starts: list[int],
+                     lengths: list[int]) -> StepContext:
+        bs = self.block_size
+        idx = build_step_indices(block_tables, starts, lengths, bs, self.num_slots, self.num_kv_heads)
+        groups = []
+        if self.mode != "gather":
+            # A prefix must lie wholly before the row's first query token.
+            limits = np.minimum(np.asarray(starts) // bs, [len(t) for t in block_tables])
+            groups = plan_cascade(idx.tables, limits, self.min_blocks, CASCADE_MIN_ROWS, self.min_saved)
+        cascade = None
+        if groups:
+            cascade = build_cascade_indices(idx.tables, np.asarray(starts, dtype=np.int64),
+                                            np.asarray(lengths, dtype=np.int64), groups, bs,
+                                            self.num_slots // bs, self.num_kv_heads)
+            self.num_cascade_forwards += 1
+            self.num_prefix_tokens_shared += sum((len(rows) - 1) * n * bs for rows, n in groups)
+        return StepContext(
+            num_rows=len(starts), write_rows=mx.array(idx.write_rows),
+            gather_blocks=mx.array(idx.gather_blocks), positions=mx.array(idx.positions),
+            mask=mx.array(idx.mask), block_size=bs, backend=CASCADE if cascade else GATHER,
+            cascade=cascade)

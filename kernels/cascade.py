@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from shoal.kernels.paged_attention import folded_scores, gather_kv
+
 
 def plan_cascade(tables: np.ndarray, limits: np.ndarray, min_blocks: int, min_rows: int = 2,
                  min_saved: int = 0) -> list[tuple[np.ndarray, int]]:
@@ -131,12 +133,8 @@ def attention_with_lse(queries: mx.array, keys: mx.array, values: mx.array, scal
     """`paged_attention.attention` (same folded layout; equal to ~1e-7, the softmax is
     computed with its statistics) plus each query's log-sum-exp of its scaled scores:
     `(R, H, L, D)`, `(R, H, L)` float32."""
-    rows, heads, length, dim = queries.shape
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    scores = (queries * scale).reshape(rows, kv_heads, group * length, dim) @ keys.swapaxes(-1, -2)
-    if mask is not None:
-        scores = mx.where(mx.tile(mask, (1, 1, group, 1)) if length > 1 else mask, scores, -mx.inf)
+    rows, heads, length, _ = queries.shape
+    scores = folded_scores(queries, keys, scale, mask)
     probs, lse = softmax_lse(scores)
     return (probs.astype(values.dtype) @ values).reshape(rows, heads, length, -1), lse.reshape(rows, heads, length)
 
@@ -178,8 +176,6 @@ def cascade_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array,
                       block_size: int) -> mx.array:
     """Attention for every row of a forward: each group's prefix once, each row's suffix,
     merged. Rows in no group get their suffix (= whole context) attention unchanged."""
-    from shoal.kernels.paged_attention import gather_kv
-
     rows, heads, length, dim = queries.shape
     keys = gather_kv(k_pool, idx.suffix_blocks, rows, num_kv_heads, block_size)
     values = gather_kv(v_pool, idx.suffix_blocks, rows, num_kv_heads, block_size)

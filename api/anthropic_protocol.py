@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.api.chat import ChatPrompt
 from shoal.api.errors import APIError, bad_request
+from shoal.api.protocol import INT32_MAX
 from shoal.api.sampling import SamplingDefaults, given
 from shoal.engine.sampling_params import SamplingParams, SamplingParamsError
 
@@ -42,7 +43,7 @@ class MessagesRequest(BaseModel):
     stream: bool = False
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 STRICT = ConfigDict(strict=True, extra="ignore", frozen=True)
+INT32_MAX = 2**31 - 1  # top_k and friends become int32 host arrays in the sampler
+SEED_MAX = 2**63 - 1
 
 
 class StreamOptions(BaseModel):
@@ -40,6 +42,13 @@ class ChatMessage(BaseModel):
         raise ValueError("content must be a string or a list of {\"type\": \"text\", \"text\": ...} "
                          "parts (images and audio are not supported)")
 
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        # OpenAI: only an assistant message that carries tool calls may leave content out.
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs `content`")
+        return self
+
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it (unset optional keys left out)."""
         out: dict[str, Any] = {"role": self.role, "content": self.content or ""}
@@ -62,12 +71,12 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # -1 or 0: off
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: Any = Field(None, validate_default=True)  # -> tuple[str, ...]
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False

@@ -107,7 +107,7 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[in
         return ()
     out = []
     for key, value in bias.items():
-        if not key.isdigit() or int(key) >= vocab_size:
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:  # not '²', '٣'
             raise bad_request(f"logit_bias key {key!r} is not a token id in [0, {vocab_size}).",
                               "logit_bias")
         out.append((int(key), value))

@@ -128,6 +128,8 @@ class AsyncEngine:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.info.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.info.vocab_size})")
+        if params.min_tokens and self._bans_every_token(params):
+            raise ValueError("min_tokens with stop_token_ids that, with EOS, ban every token")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
@@ -138,6 +140,13 @@ class AsyncEngine:
         self._streams[request_id] = stream
         self._wakeup.set()
         return stream
+
+    def _bans_every_token(self, params: SamplingParams) -> bool:
+        vocab = self.info.vocab_size
+        banned = {t for t in params.stop_token_ids if t < vocab}
+        if not params.ignore_eos:
+            banned.update(t for t in self.info.eos_token_ids if t < vocab)
+        return len(banned) >= vocab
 
     def abort(self, request_id: str) -> None:
         """Stop a request now: its blocks are freed and its stream gets a final abort delta."""

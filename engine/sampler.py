@@ -31,6 +31,14 @@ class SamplingBatch:
     wants_logprobs: tuple[bool, ...]
 
 
+LOGIT_LIMIT = 1e30  # penalized logits are clipped to +-this, so every logprob stays finite
+LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a token with no probability at all
+
+
+def finite_logprob(value: float) -> float:
+    return value if value >= LOWEST_LOGPROB else LOWEST_LOGPROB  # also maps NaN and -inf
+
+
 class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0):
         self.vocab_size = vocab_size
@@ -46,7 +54,7 @@ class Sampler:
         num_logprobs = max((p.top_logprobs for p in params if p.logprobs), default=-1)
         return SamplingBatch(
             temperature=np.array([p.temperature for p in params], dtype=np.float32),
-            top_k=np.array([p.top_k for p in params], dtype=np.int32),
+            top_k=np.array([min(p.top_k, self.vocab_size) for p in params], dtype=np.int32),
             top_p=np.array([p.top_p for p in params], dtype=np.float32),
             min_p=np.array([p.min_p for p in params], dtype=np.float32),
             bias=self._bias(rows),
@@ -139,7 +147,9 @@ def apply_penalties(logits: mx.array, counts: mx.array, knobs: mx.array, seen: m
     rep = knobs[:, 0:1]
     penalized = mx.where(logits > 0, logits / rep, logits * rep)
     logits = mx.where(seen, penalized, logits)
-    return logits - knobs[:, 1:2] * (counts > 0) - knobs[:, 2:3] * counts
+    logits = logits - knobs[:, 1:2] * (counts > 0) - knobs[:, 2:3] * counts
+    # A tiny or huge penalty overflows float32; an infinite logit would make logprobs NaN.
+    return mx.clip(logits, -LOGIT_LIMIT, LOGIT_LIMIT)
 
 
 def apply_filters(scaled: mx.array, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray) -> mx.array:
@@ -168,6 +178,6 @@ def to_logprobs(tokens: np.ndarray, chosen: np.ndarray | None, top: tuple[np.nda
         pairs = ()
         if n and top is not None:
             ranked = sorted(zip(top[0][i].tolist(), top[1][i].tolist()), key=lambda p: -p[1])[:n]
-            pairs = tuple((int(t), float(lp)) for t, lp in ranked)
-        out.append(TokenLogprobs(int(tokens[i]), float(chosen[i]), pairs))
+            pairs = tuple((int(t), finite_logprob(float(lp))) for t, lp in ranked)
+        out.append(TokenLogprobs(int(tokens[i]), finite_logprob(float(chosen[i])), pairs))
     return out

@@ -23,6 +23,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_MAX_MODEL_LEN = 1024
 TINY_MAX_REQUEST_BYTES = 256 * 1024
+TINY_VOCAB = 259  # the random models' byte tokenizer: 256 bytes and 3 specials
 API_KEYS = ("key-one", "key-two")
 
 

@@ -3,6 +3,7 @@ the culprit, and the server answers a normal request right after every one."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ import orjson
 import pytest
 
 pytest.register_assert_rewrite("server_util")
-from server_util import TINY_MAX_MODEL_LEN, TINY_MAX_REQUEST_BYTES, Server  # noqa: E402
+from server_util import TINY_MAX_MODEL_LEN, TINY_MAX_REQUEST_BYTES, TINY_VOCAB, Server  # noqa: E402
 
 pytest_plugins = ["server_util"]
 
@@ -124,14 +125,39 @@ CASES = [
          param="continue_final_message"),
     Case("chat-template-kwargs-wrong-type", CHAT, chat(chat_template_kwargs="x"), param="chat_template_kwargs"),
     Case("get-on-post-route", CHAT, None, status=405, method="GET"),
+    # Values that once reached the engine and broke it (or leaked a 500).
+    Case("top-k-past-int32", CHAT, chat(top_k=2**31), param="top_k"),
+    Case("top-k-2-pow-63", COMPLETIONS, completion(top_k=2**63), param="top_k"),
+    Case("seed-past-int64", CHAT, chat(seed=2**64), param="seed"),
+    Case("logit-bias-superscript-digit", CHAT, chat(logit_bias={"\u00b2": 1}), param="logit_bias"),
+    Case("logit-bias-100-digit-key", CHAT, chat(logit_bias={"9" * 100: 1}), param="logit_bias"),
+    Case("min-tokens-bans-every-token", COMPLETIONS,
+         completion(min_tokens=1, stop_token_ids=list(range(TINY_VOCAB))), message="ban every token"),
+    Case("user-message-without-content", CHAT, chat(messages=[{"role": "user"}]), param="messages[0]",
+         message="needs `content`"),
+    Case("tool-message-null-content", CHAT, chat(messages=[{"role": "tool", "content": None}]),
+         param="messages[0]"),
 ]
+
+
+def test_extreme_but_valid_values_serve_with_finite_logprobs(tiny_server: Server):
+    """A penalty that overflows float32 and a top_k past the vocabulary: 200, every logprob a
+    finite number (NaN once leaked as null), and the server keeps serving."""
+    for fields in ({"repetition_penalty": 1e-300}, {"repetition_penalty": 1e300}, {"top_k": 2**31 - 1}):
+        body = chat(max_tokens=4, ignore_eos=True, logprobs=True, top_logprobs=3, temperature=1.0, **fields)
+        response = httpx.post(tiny_server.url(CHAT), json=body, timeout=30)
+        assert response.status_code == 200, (fields, response.text)
+        content = response.json()["choices"][0]["logprobs"]["content"]
+        assert len(content) == 4
+        values = [t["logprob"] for t in content] + [a["logprob"] for t in content for a in t["top_logprobs"]]
+        assert all(isinstance(v, float) and -9999.0 <= v <= 0.0 for v in values), (fields, values)
 
 
 def send(server: Server, case: Case) -> httpx.Response:
     headers = dict(case.headers)
     content = case.body
     if case.body is not None and not isinstance(case.body, bytes):
-        content = orjson.dumps(case.body)
+        content = json.dumps(case.body)  # the stdlib writes integers past 64 bits; orjson cannot
         headers.setdefault("content-type", "application/json")
     return httpx.request(case.method, server.url(case.path), content=content, headers=headers, timeout=30)
 

@@ -48,40 +48,88 @@ def positive_int(text: str) -> int:
     return value
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show (None, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], ()) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="run the OpenAI-compatible HTTP server",
-                              description="Serve a model over an OpenAI-compatible HTTP API.")
+    p = subparsers.add_parser("serve", help="run the OpenAI- and Anthropic-compatible HTTP server",
+                              description="Serve a model over the OpenAI and Anthropic HTTP APIs.",
+                              formatter_class=DefaultsFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="mlx-lm directory, Hugging Face id or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                   help="the same as the positional MODEL (vLLM's spelling)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--kv-cache-memory", type=parse_size, default=EngineConfig.kv_cache_bytes,
-                   metavar="SIZE", help="KV pool size, e.g. 2GiB or 512MiB (default 2GiB)")
+    p.add_argument("--kv-cache-memory", type=parse_size, default="2GiB",
+                   metavar="SIZE", help="KV pool size in bytes, e.g. 2GiB or 512MiB")
     p.add_argument("--num-blocks", type=positive_int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--max-num-seqs", type=positive_int, default=EngineConfig.max_num_seqs)
+    p.add_argument("--max-num-seqs", type=positive_int, default=EngineConfig.max_num_seqs,
+                   help="most requests running at once")
     p.add_argument("--max-num-batched-tokens", type=positive_int,
-                   default=EngineConfig.max_num_batched_tokens)
+                   default=EngineConfig.max_num_batched_tokens, help="token budget of one engine step")
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context window (default: the model's, capped by the KV pool)")
-    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-waiting-requests", type=int, default=EngineConfig.max_waiting_requests,
+                   help="requests that may wait for a slot; past it new ones get 429 (OpenAI) or "
+                        "529 overloaded_error (Anthropic); 0: no bound")
+    p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="no_prefix_caching",
+                   action="store_true", help="turn off prefix caching (shared prompt blocks)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "gather", "cascade"],
                    help="auto: cascade attention where rows share a long prefix of KV blocks, "
                         "the gather path elsewhere; gather: never cascade; cascade: wherever two "
                         "rows share a block")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weight dtype (auto: float32 on CPU, the checkpoint's on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed for requests without their own")
     p.add_argument("--api-key", action="append", default=[],
                    help=f"require this key (repeatable; also read from ${API_KEY_ENV}). "
-                        "Protects every route except / and /health")
+                        "Protects every route except /, /health and /metrics")
+    p.add_argument("--metrics-require-key", action="store_true",
+                   help="with --api-key, protect /metrics too (vLLM leaves it open)")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients use (default: the model directory's name)")
     p.add_argument("--alias", action="append", default=[], help="another accepted model name (repeatable)")
+    p.add_argument("--allowed-origins", type=origins, default=(), metavar="JSON|LIST",
+                   help='CORS origins, as vLLM\'s JSON list (\'["*"]\') or comma-separated; none: no CORS')
     p.add_argument("--max-request-bytes", type=parse_size, default="8MiB", metavar="SIZE",
-                   help="largest request body accepted (default 8MiB)")
+                   help="largest request body accepted")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long requests in flight may run before they are ended")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a connection must send a whole request head within this")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request body must arrive within this of its head (else 408)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="idle keep-alive connections are closed after this")
+    p.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic engine summary line (throughput, queue, KV usage) in the log")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="accepted for vLLM compatibility: Shoal does not log each request")
     add_chat_options(p)
     add_common_options(p)
     p.set_defaults(handler=run_serve)
+
+
+def origins(text: str) -> tuple[str, ...]:
+    """--allowed-origins: '["*"]' (vLLM) or 'https://a.example,https://b.example'."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {exc}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise argparse.ArgumentTypeError("expected a JSON list of strings")
+        return tuple(value)
+    return tuple(o.strip() for o in text.split(",") if o.strip())
 
 
 def add_chat_options(p: argparse.ArgumentParser) -> None:
@@ -103,7 +151,7 @@ def add_chat_options(p: argparse.ArgumentParser) -> None:
                         "generation_config.json, e.g. '{\"temperature\": 0}' (keys: temperature, "
                         "top_p, top_k, min_p, repetition_penalty)")
     p.add_argument("--sse-ping-interval", type=float, default=5.0, metavar="SECONDS",
-                   help="Anthropic streams send a ping after this much silence (default 5)")
+                   help="Anthropic streams send a ping after this much silence")
 
 
 def generation_config(text: str) -> dict[str, float]:
@@ -144,7 +192,11 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     """Options every MLX-using subcommand takes (`shoal bench` should call this too)."""
     p.add_argument("--blas", default="auto", metavar="auto|reference|PATH",
                    help="BLAS for float32 matmuls on Linux CPUs (default auto: OpenBLAS if installed)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="Shoal's log level")
+    p.add_argument("--uvicorn-log-level", default=None,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="the HTTP server's log level (default: --log-level)")
 
 
 # Each entry adds one subcommand and sets its `handler`. Registration must not import MLX
@@ -175,7 +227,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, dtype=args.dtype, seed=args.seed,
-        attention_backend=args.attention_backend)
+        attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests)
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
@@ -183,30 +235,70 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*args.api_key, *filter(None, from_env.split(","))]))
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def check_model(model: str | None) -> None:
+    """Fail fast (ValueError) on a model argument that can name nothing, before loading."""
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model directory {model!r} has no config.json (not an mlx-lm model)")
+        return
+    if path.exists():
+        raise ValueError(f"model {model!r} is neither an mlx-lm directory nor a .gguf file")
+    if model.startswith((".", "/", "~")) or path.suffix == ".gguf" or not HF_ID.fullmatch(model):
+        raise ValueError(f"model {model!r}: no such file or directory (and not a Hugging Face id)")
+
+
+HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def server_config(args: argparse.Namespace):
     from shoal.api.config import ServerConfig  # MLX-free, like EngineConfig
 
-    try:  # every flag is checked before the slow part (loading the model)
+    return ServerConfig(served_model_name=args.served_model_name, aliases=tuple(args.alias),
+                        api_keys=api_keys(args), max_request_bytes=args.max_request_bytes,
+                        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+                        chat_template=chat_template(args.chat_template),
+                        generation_config=tuple(args.override_generation_config.items()),
+                        ping_interval=args.sse_ping_interval, body_timeout=args.body_timeout,
+                        allowed_origins=args.allowed_origins,
+                        metrics_require_key=args.metrics_require_key,
+                        log_stats=not args.disable_log_stats)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from shoal.api.server import bind_socket
+
+    try:  # every flag, the model path and the port are checked before loading the model
+        if args.model_flag is not None:
+            if args.model is not None and args.model != args.model_flag:
+                raise ValueError(f"two models given: {args.model!r} and --model {args.model_flag!r}")
+            args.model = args.model_flag
+        check_model(args.model)
         engine = engine_config(args)
         check_chat_options(args)
-        config = ServerConfig(served_model_name=args.served_model_name, aliases=tuple(args.alias),
-                              api_keys=api_keys(args), max_request_bytes=args.max_request_bytes,
-                              tool_call_parser=args.tool_call_parser,
-                              reasoning_parser=args.reasoning_parser,
-                              chat_template=chat_template(args.chat_template),
-                              generation_config=tuple(args.override_generation_config.items()),
-                              ping_interval=args.sse_ping_interval)
+        config = server_config(args)
+        for name in ("drain_timeout", "header_timeout", "keep_alive_timeout"):
+            if not getattr(args, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     except ValueError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
-    import uvicorn
-
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror or exc)
+        return 2
     from shoal.api.app import create_app
+    from shoal.api.server import serve
 
     log.info("model: %s", args.model or "SmolLM2-135M-Instruct (built-in default)")
-    uvicorn.run(create_app(config, engine), host=args.host, port=args.port,
-                log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
+    return serve(create_app(config, engine), sock, log_level=args.uvicorn_log_level or args.log_level,
+                 drain_timeout=args.drain_timeout, header_timeout=args.header_timeout,
+                 keep_alive_timeout=args.keep_alive_timeout)
 
 
 def configure_logging(level: str) -> None:
@@ -218,7 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `shoal` console script and `python -m shoal`."""
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
-    log.info(preload_blas(args.blas))  # before anything imports MLX
+    try:
+        log.info(preload_blas(args.blas))  # before anything imports MLX
+    except OSError as exc:
+        log.error("--blas %s: cannot load it: %s", args.blas, exc)
+        return 2
     return args.handler(args)
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from shoal import __version__
 from shoal.api import anthropic, openai, system, tokenize
 from shoal.api.chat import ChatService
 from shoal.api.config import ServerConfig
 from shoal.api.errors import install_error_handlers
-from shoal.api.metrics import ServerMetrics
+from shoal.api.framing import FramingMiddleware
+from shoal.api.metrics import HttpMetricsMiddleware, PrometheusStatLogger
 from shoal.api.sampling import SamplingDefaults
 from shoal.api.request_id import RequestIdMiddleware
 from shoal.api.served_model import ServedModel
@@ -22,6 +24,7 @@ from shoal.api.state import ServerState
 from shoal.api.tool_formats import detect_reasoning_format, detect_tool_format
 from shoal.engine.async_engine import AsyncEngine
 from shoal.engine.config import EngineConfig
+from shoal.engine.stats import LoggingStatLogger
 
 log = logging.getLogger("shoal")
 EngineFactory = Callable[[], Awaitable[AsyncEngine]]
@@ -35,7 +38,12 @@ def create_app(config: ServerConfig, engine_config: EngineConfig,
     app = FastAPI(title="Shoal", version=__version__, lifespan=_lifespan(config, engine_config, factory),
                   docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
+    app.add_middleware(FramingMiddleware, body_timeout=config.body_timeout)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HttpMetricsMiddleware)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=["*"], allow_headers=["*"], expose_headers=["x-request-id"])
     for router in (system.open_router, system.protected_router, openai.router, anthropic.router,
                    tokenize.router):
         app.include_router(router)
@@ -49,7 +57,10 @@ def _lifespan(config: ServerConfig, engine_config: EngineConfig, factory: Engine
         info = engine.info
         model = ServedModel.from_path(info.path, config.served_model_name, config.aliases,
                                       info.max_model_len)
-        metrics = ServerMetrics(engine, model.name, info.max_model_len)
+        metrics = PrometheusStatLogger(model.name, info.max_model_len, cache_config_labels(engine_config, info))
+        engine.stat_loggers.append(metrics)
+        if config.log_stats:
+            engine.stat_loggers.append(LoggingStatLogger())
         chat = chat_service(engine, config)
         defaults = SamplingDefaults.load(info.path, dict(config.generation_config))
         app.state.server = ServerState(engine, config, model, metrics, chat, defaults)
@@ -60,10 +71,17 @@ def _lifespan(config: ServerConfig, engine_config: EngineConfig, factory: Engine
         try:
             yield
         finally:
-            metrics.close()
             await engine.shutdown()
 
     return lifespan
+
+
+def cache_config_labels(engine_config: EngineConfig, info) -> dict[str, str]:
+    """vllm:cache_config_info's labels (vLLM's names where Shoal has the same knob)."""
+    return {"block_size": str(info.block_size), "cache_dtype": str(info.dtype),
+            "enable_prefix_caching": str(engine_config.enable_prefix_caching),
+            "num_gpu_blocks": str(info.num_blocks - 1), "num_cpu_blocks": "0",
+            "kv_cache_memory_bytes": str(info.kv_cache_bytes)}
 
 
 def chat_service(engine: AsyncEngine, config: ServerConfig) -> ChatService:

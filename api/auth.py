@@ -1,8 +1,8 @@
 """API-key authentication.
 
-With keys configured, every route except `GET/HEAD /` and `/health` needs one, sent as
-`Authorization: Bearer <key>` or `x-api-key: <key>`. `/metrics` is protected too: its
-labels and counters describe the traffic (vllm-mlx leaves it open; Prometheus can send a
+With keys configured, every route except `GET/HEAD /`, `/health` and `/metrics` needs one,
+sent as `Authorization: Bearer <key>` or `x-api-key: <key>`. `/metrics` is open as in vLLM,
+so a copied scrape config works; `--metrics-require-key` protects it (Prometheus can send a
 bearer token). `/health` stays open so load balancers can probe without a secret; it says
 only "up" or "down".
 """

@@ -38,9 +38,12 @@ class ChoiceStreams:
         engine's ValueError/EngineDeadError after aborting whatever was already queued."""
         streams: list[RequestStream] = []
         try:
-            for prompt, prompt_params in zip(prompts, params):
+            for p, (prompt, prompt_params) in enumerate(zip(prompts, params)):
+                n = len(prompt_params)
+                parent = f"{request_id}-p{p}" if n > 1 else None
                 for sp in prompt_params:
-                    streams.append(engine.add_request(prompt, sp, f"{request_id}-{len(streams)}", cache_salt))
+                    streams.append(engine.add_request(prompt, sp, f"{request_id}-{len(streams)}", cache_salt,
+                                                      n=n, parent_id=parent))
         except BaseException:
             cls(engine, streams, 1).abort()
             raise

@@ -20,12 +20,18 @@ class ServerConfig:
     chat_template: str | None = None  # a Jinja template replacing the model's
     generation_config: tuple[tuple[str, float], ...] = ()  # --override-generation-config
     ping_interval: float = 5.0  # seconds of silence before an Anthropic stream sends a ping
+    body_timeout: float = 30.0  # seconds from the request head to the end of its body (408)
+    allowed_origins: tuple[str, ...] = ()  # CORS; ("*",) allows any
+    metrics_require_key: bool = False  # vLLM leaves /metrics open even with --api-key
+    log_stats: bool = True  # a one-line engine summary in the log every 10 s of traffic
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be >= 1024")
         if self.max_n < 1:
             raise ValueError("max_n must be >= 1")
+        if not self.body_timeout > 0:
+            raise ValueError("body_timeout must be > 0")
         if not self.ping_interval > 0:
             raise ValueError("ping_interval must be > 0")
         if any(not key for key in self.api_keys):

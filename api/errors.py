@@ -31,6 +31,7 @@ ERROR_TYPES: dict[int, str] = {
     405: "MethodNotAllowedError",
     413: "RequestTooLargeError",
     415: "UnsupportedMediaTypeError",
+    429: "RateLimitError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
@@ -111,6 +112,8 @@ def format_loc(loc: tuple[str | int, ...]) -> str:
 
 def error_response(status: int, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None, anthropic: bool = False) -> Response:
+    if anthropic and status == 429:  # Shoal's one 429 is overload: Anthropic says 529 for that
+        status = 529
     body = anthropic_error_body(status, message) if anthropic else error_body(status, message, param)
     return Response(orjson.dumps(body), status_code=status, media_type="application/json",
                     headers=headers)

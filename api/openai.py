@@ -7,6 +7,8 @@ translates OpenAI's fields in and its chunks out.
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
@@ -62,7 +64,7 @@ async def completions(request: Request) -> Response:
     req = await parse_body(request, CompletionRequest, server.config.max_request_bytes)
     model = _check_common(server, req)
     engine = server.engine
-    prompts = completion_prompts(engine.tokenizer, req.prompt, engine.info.vocab_size)
+    prompts = await asyncio.to_thread(completion_prompts, engine.tokenizer, req.prompt, engine.info.vocab_size)
     logprobs = completion_logprobs(req)
     params = [sampling_params(req, resolve_max_tokens(req.max_tokens, len(p.token_ids),
                                                       engine.info.max_model_len),

@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from shoal.api.errors import APIError, bad_request
 from shoal.api.sse import EventStreamResponse
-from shoal.engine.async_engine import AsyncEngine, EngineDeadError
+from shoal.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's status for "client closed request"; never reaches the client
@@ -55,8 +55,10 @@ def start(fn: Callable[[], T], prompt_param: str) -> T:
     """Queue engine requests with `fn`, turning the engine's refusals into API errors."""
     try:
         return fn()
-    except EngineDeadError:
-        raise engine_unavailable() from None
+    except EngineDeadError as exc:
+        raise engine_unavailable(str(exc)) from None
+    except EngineOverloadedError as exc:
+        raise overloaded(str(exc)) from None
     except ValueError as exc:
         raise bad_request(str(exc), prompt_param) from None
 
@@ -104,6 +106,11 @@ def engine_failure(engine_alive: bool, message: str) -> APIError:
 def engine_unavailable(detail: str | None = None) -> APIError:
     message = "The engine is not running; the server cannot generate."
     return APIError(503, f"{message} ({detail})" if detail else message)
+
+
+def overloaded(detail: str) -> APIError:
+    """429 (OpenAI's rate limit); the Anthropic surface renders it as 529 overloaded_error."""
+    return APIError(429, f"The server is overloaded: {detail}.", headers={"retry-after": "1"})
 
 
 def json_response(body: dict, status: int = 200) -> Response:

@@ -8,7 +8,7 @@ from fastapi import Request
 
 from shoal.api.chat import ChatService
 from shoal.api.config import ServerConfig
-from shoal.api.metrics import ServerMetrics
+from shoal.api.metrics import PrometheusStatLogger
 from shoal.api.sampling import SamplingDefaults
 from shoal.api.served_model import ServedModel
 from shoal.engine.async_engine import AsyncEngine
@@ -19,7 +19,7 @@ class ServerState:
     engine: AsyncEngine
     config: ServerConfig
     model: ServedModel
-    metrics: ServerMetrics
+    metrics: PrometheusStatLogger
     chat: ChatService
     sampling_defaults: SamplingDefaults
 

@@ -36,9 +36,11 @@ async def version() -> Response:
     return json_response({"version": __version__})
 
 
-@protected_router.get("/metrics")
+@open_router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    # `async def` on purpose: the collector reads the scheduler, which lives on the event loop.
+    """Open, as in vLLM, unless `--metrics-require-key`: then it needs the API key too."""
+    if server_state(request).config.metrics_require_key:
+        await require_api_key(request)
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
@@ -26,7 +28,7 @@ async def tokenize(request: Request) -> Response:
     server.model.resolve(req.model)
     tokenizer = server.engine.tokenizer
     tokens = await _tokens(server, req)
-    token_strs = tokenizer.convert_ids_to_tokens(tokens) if req.return_token_strs else None
+    token_strs = await asyncio.to_thread(tokenizer.convert_ids_to_tokens, tokens) if req.return_token_strs else None
     return json_response({"count": len(tokens), "max_model_len": server.model.max_model_len,
                           "tokens": tokens, "token_strs": token_strs})
 
@@ -41,7 +43,7 @@ async def _tokens(server: ServerState, req: TokenizeRequest) -> list[int]:
                             dict(req.chat_template_kwargs or {}), req.add_generation_prompt)
         return await server.chat.render(prompt)
     add_special = True if req.add_special_tokens is None else req.add_special_tokens
-    return encode(server.engine.tokenizer, req.prompt, add_special)
+    return await asyncio.to_thread(encode, server.engine.tokenizer, req.prompt, add_special)
 
 
 @router.post("/detokenize")
@@ -51,4 +53,5 @@ async def detokenize(request: Request) -> Response:
     req = await parse_body(request, DetokenizeRequest, server.config.max_request_bytes)
     server.model.resolve(req.model)
     check_token_ids(req.tokens, server.engine.info.vocab_size, "tokens")
-    return json_response({"prompt": server.engine.tokenizer.decode(req.tokens)})
+    text = await asyncio.to_thread(server.engine.tokenizer.decode, req.tokens)
+    return json_response({"prompt": text})

@@ -41,7 +41,7 @@ def run_shoal(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> di
     seconds = time.perf_counter() - start
     total = sum(len(t) for t in tokens)
     return {"output_tokens": total, "seconds": seconds, "tok_per_s": total / seconds, "tokens": tokens,
-            "steps": len(llm.scheduler.stats.step_tokens)}
+            "steps": llm.scheduler.stats.num_steps}
 
 
 def load_bench_model(model_arg: str):

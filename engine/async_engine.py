@@ -17,22 +17,28 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shoal.engine.config import EngineConfig
 from shoal.engine.llm import scheduler_config
 from shoal.engine.model_runner import ModelInfo, ModelRunner
 from shoal.engine.output_processor import RequestDetokenizer
-from shoal.engine.outputs import RequestOutput, StepOutput
+from shoal.engine.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput, StepOutput
 from shoal.engine.request import Request, RequestStatus
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import Scheduler
+from shoal.engine.stats import StatLogger, StatsCollector, finished_request_stats
 
 log = logging.getLogger("shoal")
+MAX_FAILED_STEPS = 3  # steps in a row where every request failed alone: the engine is broken
 
 
 class EngineDeadError(RuntimeError):
-    """The step loop died; the engine serves no more requests."""
+    """The step loop died (or the server is draining); the engine takes no more requests."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are already waiting; try again later."""
 
 
 @dataclass
@@ -41,7 +47,6 @@ class RequestTimes:
     scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
-    token_gaps: list[float] = field(default_factory=list)
 
 
 class RequestStream:
@@ -85,11 +90,15 @@ class AsyncEngine:
         self.dead_error: BaseException | None = None
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
-        self.on_finished: list[Callable[[Request, RequestTimes], None]] = []  # metrics hooks
+        self.stat_loggers: list[StatLogger] = []  # told what each step did (engine/stats.py)
+        self._stats = StatsCollector()
+        self._failed_steps = 0  # steps in a row in which every request failed
+        self.draining = False
 
     async def start(self) -> AsyncEngine:
         self.runner = await self._on_mlx(self._runner_factory)
         self.scheduler = Scheduler(scheduler_config(self.config, self.runner))
+        self._stats.start(self.scheduler)
         self._loop_task = asyncio.create_task(self._step_loop(), name="shoal-step-loop")
         info = self.info
         log.info("engine ready: %s, %d layers, %s, KV pool %d blocks x %d tokens (%.2f GiB), "
@@ -119,11 +128,18 @@ class AsyncEngine:
             yield output
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None, cache_salt: str | None = None) -> RequestStream:
+                    request_id: str | None = None, cache_salt: str | None = None,
+                    n: int = 1, parent_id: str | None = None) -> RequestStream:
         """Validate and queue a request. Raises ValueError (empty prompt, ids out of the
         vocabulary, too long for max_model_len, duplicate id) or EngineDeadError at once."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running") from self.dead_error
+        if self.draining:
+            raise EngineDeadError("the server is shutting down")
+        limit = self.config.max_waiting_requests
+        if limit and len(self.scheduler.waiting) >= limit:
+            raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are already waiting "
+                                        f"(--max-waiting-requests {limit}); retry later")
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.info.vocab_size for t in prompt_token_ids):
@@ -134,7 +150,7 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
         request = Request(request_id, prompt_token_ids, params, self.info.eos_token_ids,
-                          cache_salt=cache_salt)
+                          cache_salt=cache_salt, n=n, parent_id=parent_id)
         self.scheduler.add_request(request)
         stream = RequestStream(request, RequestDetokenizer(self.tokenizer, request), self.abort)
         self._streams[request_id] = stream
@@ -169,8 +185,9 @@ class AsyncEngine:
                     continue
                 sched = self.scheduler.schedule()
                 self._mark_scheduled(sched)
-                result = await self._on_mlx(self.runner.execute, sched)
+                sched, result = await self._execute(sched)
                 self._publish(self.scheduler.update_from_output(sched, result))
+                self._push_stats(sched.num_batched_tokens)
                 if not sched.scheduled and self.scheduler.num_unfinished:
                     await self._wakeup.wait()  # nothing fits now: wait for an abort or a new request
         except asyncio.CancelledError:
@@ -179,6 +196,53 @@ class AsyncEngine:
             log.exception("engine step failed; failing all requests")
             self.dead_error = exc
             self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
+            self._push_stats(0)
+
+    async def _execute(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, ModelRunnerOutput]:
+        """Run a step. If it raises, run each request's share alone so that only the
+        requests that fail on their own end (with an error); the step loop dies only after
+        MAX_FAILED_STEPS steps in a row in which nothing succeeded (a broken device)."""
+        try:
+            result = await self._on_mlx(self.runner.execute, sched)
+        except Exception as exc:  # noqa: BLE001 - isolated below; re-raised if nothing runs
+            if not sched.scheduled:  # a step that only told the runner which requests finished
+                self._count_failed_step(str(exc))
+                return sched, ModelRunnerOutput(())
+            log.warning("a step of %d requests failed (%s: %s); running each alone",
+                        len(sched.scheduled), type(exc).__name__, exc)
+            return await self._execute_alone(sched)
+        self._failed_steps = 0
+        return sched, result
+
+    async def _execute_alone(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, ModelRunnerOutput]:
+        kept, results, failed = [], [], []
+        for row in sched.scheduled:
+            alone = SchedulerOutput((row,), len(row.token_ids), sched.finished_request_ids)
+            try:
+                result = await self._on_mlx(self.runner.execute, alone)
+            except Exception as exc:  # noqa: BLE001 - this request's own failure
+                log.error("request %s failed in its step: %s: %s", row.request_id, type(exc).__name__, exc)
+                failed.append((row, f"engine error in this request: {type(exc).__name__}: {exc}"))
+                continue
+            kept.append(row)
+            results.append(result)
+        for request, (_, message) in zip(self.scheduler.fail_scheduled(r for r, _ in failed), failed):
+            self._finish_stream(request, error=message)
+        if kept:
+            self._failed_steps = 0
+        else:
+            self._count_failed_step(failed[-1][1])
+        merged = ModelRunnerOutput(
+            tuple(r.sampled_token_ids[0] for r in results),
+            tuple(r.logprobs[0] if r.logprobs else None for r in results)
+            if any(r.logprobs for r in results) else None)
+        return SchedulerOutput(tuple(kept), sum(len(r.token_ids) for r in kept)), merged
+
+    def _count_failed_step(self, message: str) -> None:
+        self._failed_steps += 1
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            raise RuntimeError(f"{self._failed_steps} steps in a row failed for every request; "
+                               f"last: {message}")
 
     def _mark_scheduled(self, sched) -> None:
         now = time.monotonic()
@@ -186,6 +250,14 @@ class AsyncEngine:
             stream = self._streams.get(s.request_id)
             if stream is not None and stream.times.scheduled is None:
                 stream.times.scheduled = now
+
+    def _push_stats(self, num_batched_tokens: int) -> None:
+        scheduler_stats, iteration = self._stats.step(self.scheduler, num_batched_tokens)
+        for logger in self.stat_loggers:
+            try:
+                logger.record(scheduler_stats, iteration)
+            except Exception:  # noqa: BLE001 - a logger bug must not take the engine down
+                log.exception("stat logger %s failed", type(logger).__name__)
 
     def _publish(self, outputs: list[StepOutput]) -> None:
         now = time.monotonic()
@@ -196,10 +268,17 @@ class AsyncEngine:
             times = stream.times
             if times.first_token is None:
                 times.first_token = now
+                self._stats.ttfts.append(now - times.arrival)
             else:
-                times.token_gaps.append(now - times.last_token)
+                self._stats.itls.append(now - times.last_token)
             times.last_token = now
-            delta = stream.detok.add(out.request, out.new_token_ids)
+            try:
+                delta = stream.detok.add(out.request, out.new_token_ids)
+            except Exception as exc:  # noqa: BLE001 - one request's text must not stop the loop
+                log.exception("detokenizing request %s failed", out.request.request_id)
+                self.scheduler.finish_requests([out.request.request_id], RequestStatus.FINISHED_ERROR)
+                self._finish_stream(out.request, error=f"detokenizing failed: {type(exc).__name__}: {exc}")
+                continue
             if delta.stop_string is not None:
                 out.request.stop_reason = delta.stop_string
                 self.scheduler.finish_requests([out.request.request_id], RequestStatus.FINISHED_STOPPED)
@@ -216,11 +295,7 @@ class AsyncEngine:
         if finished:
             stream.finished = True
             del self._streams[request.request_id]
-            for hook in self.on_finished:
-                try:
-                    hook(request, stream.times)
-                except Exception:  # noqa: BLE001 - a metrics hook must not take the engine down
-                    log.exception("on_finished hook failed")
+            self._stats.finished.append(finished_request_stats(request, stream.times, time.monotonic()))
 
     def _finish_stream(self, request: Request, error: str | None = None) -> None:
         stream = self._streams.get(request.request_id)
@@ -233,6 +308,23 @@ class AsyncEngine:
             if not request.status.finished:
                 self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ERROR)
             self._finish_stream(request, error=message)
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new requests, give those in flight `grace` seconds to finish, then end the
+        rest with an error delta. Returns how many were cut."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self._streams:
+            log.info("draining: %d requests in flight, up to %.0f s", len(self._streams), grace)
+        while self._streams and loop.time() < deadline and self.is_alive:
+            await asyncio.sleep(0.05)
+        cut = len(self._streams)
+        if cut:
+            log.warning("drain grace period over: ending %d requests", cut)
+            self._fail_all("the server is shutting down")
+        await asyncio.sleep(0)  # let the handlers write their terminal events
+        return cut
 
     async def shutdown(self) -> None:
         if self._loop_task is not None:

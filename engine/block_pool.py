@@ -128,6 +128,11 @@ class BlockPool:
         block.block_hash = key
         self.cached[key] = block
 
+    def uncache(self, blocks: Iterable[Block]) -> None:
+        """Drop these blocks' hashes: their contents can no longer be trusted."""
+        for block in blocks:
+            self._evict(block)
+
     def reset_cache(self) -> int:
         """Forget every cached block no request holds; returns how many were dropped."""
         dropped = 0

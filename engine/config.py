@@ -21,6 +21,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto = float32 on CPU (only float32 uses BLAS), checkpoint's own on GPU
     seed: int = 0  # seeds sampling for requests without their own seed
     attention_backend: str = "auto"  # auto (cascade where the cost rule says), gather, cascade
+    max_waiting_requests: int = 1024  # past this many queued, new requests are refused; 0 = no bound
 
     def __post_init__(self) -> None:
         checks = [
@@ -29,6 +30,7 @@ class EngineConfig:
             (self.num_blocks is None or self.num_blocks >= 2, "num_blocks must be >= 2"),
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
+            (self.max_waiting_requests >= 0, "max_waiting_requests must be >= 0 (0: no bound)"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
             (self.dtype in ("auto", "float32", "float16", "bfloat16"), f"unknown dtype {self.dtype!r}"),
             (self.attention_backend in ("auto", "gather", "cascade"),

@@ -45,8 +45,10 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset(), arrival_time: float | None = None,
-                 cache_salt: str | None = None):
+                 cache_salt: str | None = None, n: int = 1, parent_id: str | None = None):
         self.request_id = request_id
+        self.n = n  # choices of the API request this one belongs to (for stats only)
+        self.parent_id = parent_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params

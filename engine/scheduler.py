@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shoal.engine.block_pool import BlockPool
 from shoal.engine.kv_cache_manager import KVCacheManager
@@ -38,13 +38,15 @@ class SchedulerConfig:
 
 
 @dataclass
-class SchedulerStats:
+class SchedulerCounters:
+    """Running totals; the engine's StatsCollector turns them into per-step stats."""
+
     num_preemptions: int = 0
     num_prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission)
+    num_cached_prompt_tokens: int = 0  # of those, hits in the prefix cache
     num_generation_tokens: int = 0
     num_computed_tokens: int = 0  # tokens run through the model, recompute included
-    # Batched tokens per step, drained by the metrics scrape; bounded if nobody scrapes.
-    step_tokens: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
+    num_steps: int = 0  # steps that ran at least one token
 
 
 class Scheduler:
@@ -55,7 +57,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self.stats = SchedulerStats()
+        self.stats = SchedulerCounters()
         self._finished_ids: list[str] = []  # told to the runner at the next step
 
     @property
@@ -107,6 +109,7 @@ class Scheduler:
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached
                 self.stats.num_prompt_tokens += request.num_prompt_tokens
+                self.stats.num_cached_prompt_tokens += num_cached
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached
             self.running.append(request)
@@ -151,7 +154,7 @@ class Scheduler:
         num_tokens = sum(len(s.token_ids) for s in scheduled)
         self.stats.num_computed_tokens += num_tokens
         if scheduled:
-            self.stats.step_tokens.append(num_tokens)
+            self.stats.num_steps += 1
         finished, self._finished_ids = tuple(self._finished_ids), []
         return SchedulerOutput(scheduled=tuple(scheduled), num_batched_tokens=num_tokens,
                                finished_request_ids=finished)
@@ -198,6 +201,21 @@ class Scheduler:
             self._finish(request, status)
             done.append(request)
         return done
+
+    def fail_scheduled(self, rows: Iterable[ScheduledRequest]) -> list[Request]:
+        """Finish with an error the requests whose share of a step raised. The blocks that
+        step was writing lose their hashes first, so no later prompt reuses what was never
+        computed."""
+        failed = []
+        for s in rows:
+            request = self.requests.get(s.request_id)
+            if request is None or request.status.finished:
+                continue
+            first = s.start_pos // self.config.block_size
+            self.pool.uncache(self.kv.req_blocks.get(s.request_id, [])[first:])
+            self._finish(request, RequestStatus.FINISHED_ERROR)
+            failed.append(request)
+        return failed
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.status == RequestStatus.RUNNING:

@@ -231,6 +231,6 @@ def test_metrics_count_a_request(tiny_server: Server, client):
     success = metric(after, "vllm:request_success_total", finished_reason="length", model_name="tiny")
     assert success - metric(before, "vllm:request_success_total", finished_reason="length") == 1
     assert metric(after, "vllm:iteration_tokens_total_count") > metric(before, "vllm:iteration_tokens_total_count")
-    assert 'vllm:time_to_first_token_seconds_bucket{le="2560.0",model_name="tiny"}' in after
-    assert 'vllm:request_decode_time_seconds_bucket{le="7680.0",model_name="tiny"}' in after
-    assert 'vllm:request_prompt_tokens_bucket{le="1000.0",model_name="tiny"}' in after
+    assert 'vllm:time_to_first_token_seconds_bucket{engine="0",le="2560.0",model_name="tiny"}' in after
+    assert 'vllm:request_decode_time_seconds_bucket{engine="0",le="7680.0",model_name="tiny"}' in after
+    assert 'vllm:request_prompt_tokens_bucket{engine="0",le="1000.0",model_name="tiny"}' in after

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from shoal.engine.async_engine import AsyncEngine
+from shoal.engine.async_engine import MAX_FAILED_STEPS, AsyncEngine
 from shoal.engine.config import EngineConfig
 from shoal.engine.model_runner import ModelRunner
 from shoal.engine.request import FinishReason
@@ -113,12 +113,17 @@ def test_engine_error_fails_every_stream_once(loaded):
         engine.runner.execute = broken
         streams = [engine.add_request([1, 2, 3], SamplingParams(max_tokens=5)) for _ in range(3)]
         results = await asyncio.gather(*[collect(s) for s in streams])
+        # Each request failed alone; the loop dies after MAX_FAILED_STEPS failing steps in a row.
+        tries = 0
+        while engine.is_alive and tries < MAX_FAILED_STEPS:
+            results.append(await collect(engine.add_request([4, 5], SamplingParams(max_tokens=5))))
+            tries += 1
         alive = engine.is_alive
         await engine.shutdown()
         return results, alive
 
     results, alive = asyncio.run(main())
-    assert not alive
+    assert not alive and len(results) < 3 + MAX_FAILED_STEPS
     for deltas in results:
         assert len(deltas) == 1 and deltas[0].finished and deltas[0].finish_reason == FinishReason.ERROR
         assert "device lost" in deltas[0].error

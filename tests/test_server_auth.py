@@ -1,5 +1,5 @@
 """API keys (`--api-key` twice): 401 in OpenAI's shape without or with a wrong key; both
-header styles accepted; /health and / stay open, /metrics does not."""
+header styles accepted; /health, / and /metrics (as in vLLM) stay open."""
 
 from __future__ import annotations
 
@@ -51,8 +51,10 @@ def test_sdk_with_key_and_without(auth_server: Server):
 def test_probes_open_metrics_and_tools_protected(auth_server: Server):
     assert httpx.get(auth_server.url("/health")).status_code == 200
     assert httpx.head(auth_server.url("/")).status_code == 200
-    for path in ("/metrics", "/v1/models", "/version"):
+    for path in ("/v1/models", "/version"):
         assert httpx.get(auth_server.url(path)).status_code == 401, path
+    open_metrics = httpx.get(auth_server.url("/metrics"))  # a scrape config copied from vLLM works
+    assert open_metrics.status_code == 200 and "vllm:num_requests_running" in open_metrics.text
     assert httpx.post(auth_server.url("/tokenize"), json={"prompt": "a"}).status_code == 401
     denied = httpx.post(auth_server.url("/reset_prefix_cache"))
     assert denied.status_code == 401 and denied.json()["error"]["type"] == "AuthenticationError"

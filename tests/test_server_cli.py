@@ -10,6 +10,8 @@ import pytest
 
 from shoal.cli import api_keys, build_parser, engine_config, parse_size
 
+pytest_plugins = ["server_util"]
+
 
 @pytest.mark.parametrize("text,size", [
     ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("4096", 4096),
@@ -67,3 +69,63 @@ def test_invalid_config_exits_2_before_loading_anything():
 def test_unknown_subcommand_is_a_usage_error():
     out = subprocess.run([sys.executable, "-m", "shoal", "frobnicate"], capture_output=True, text=True)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def serve_subcommand() -> argparse.ArgumentParser:
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+
+
+def test_every_serve_flag_has_help_and_shows_its_default():
+    serve = serve_subcommand()
+    text = serve.format_help()
+    for action in serve._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings} has no help"
+        if action.default not in (None, False, [], ()):
+            assert "default" in serve._get_formatter()._get_help_string(action), action.option_strings
+    assert "(default: 8000)" in " ".join(text.split()) and "(default: 2GiB)" in " ".join(text.split())
+
+
+def test_vllm_spellings_are_aliases():
+    args = build_parser().parse_args([
+        "serve", "--model", "/models/x", "--no-enable-prefix-caching", "--disable-log-requests",
+        "--allowed-origins", '["https://a.example", "https://b.example"]', "--uvicorn-log-level", "warning"])
+    assert args.model_flag == "/models/x" and args.no_prefix_caching and args.disable_log_requests
+    assert args.allowed_origins == ("https://a.example", "https://b.example")
+    assert args.uvicorn_log_level == "warning"
+    comma = build_parser().parse_args(["serve", "--allowed-origins", "https://a.example, *"])
+    assert comma.allowed_origins == ("https://a.example", "*")
+
+
+def run_shoal(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shoal", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["serve", "/no/such/model"], "no such file or directory"),
+    (["serve", "--model", "/no/such/model"], "no such file or directory"),
+    (["serve", "/tmp"], "has no config.json"),
+    (["serve", "--blas", "/bad/path"], "--blas /bad/path: cannot load it"),
+    (["serve", "a", "--model", "b"], "two models given"),
+])
+def test_startup_errors_are_one_line_and_exit_2(args, message):
+    done = run_shoal(*args)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and message in errors[0], done.stderr
+    assert "Traceback" not in done.stderr and "Started server process" not in done.stderr
+
+
+def test_a_busy_port_fails_before_the_model_loads(tiny_model_dir):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_shoal("serve", str(tiny_model_dir), "--blas", "reference", "--port", str(port))
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "engine ready" not in done.stderr and "Traceback" not in done.stderr

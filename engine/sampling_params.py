@@ -6,6 +6,10 @@ import math
 from dataclasses import dataclass, field
 
 
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
+
+
 class SamplingParamsError(ValueError):
     """Invalid sampling parameter; `param` names the offending field."""
 
@@ -66,6 +70,9 @@ class SamplingParams:
                "stop_token_ids must be non-negative token ids")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "stop strings must be non-empty strings")
+        # Every stop string is searched for after every token, on the event loop: bounded.
+        _check(len(self.stop) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+               "stop", f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
         _check(all(math.isfinite(b) and -100 <= b <= 100 for _, b in self.logit_bias),
                "logit_bias", "logit_bias values must be in [-100, 100]")
 

@@ -133,6 +133,8 @@ CASES = [
     Case("logit-bias-100-digit-key", CHAT, chat(logit_bias={"9" * 100: 1}), param="logit_bias"),
     Case("min-tokens-bans-every-token", COMPLETIONS,
          completion(min_tokens=1, stop_token_ids=list(range(TINY_VOCAB))), message="ban every token"),
+    Case("stop-too-many", CHAT, chat(stop=[f"s{i}" for i in range(65)]), param="stop"),
+    Case("stop-too-long", COMPLETIONS, completion(stop=["x" * 1025]), param="stop"),
     Case("user-message-without-content", CHAT, chat(messages=[{"role": "user"}]), param="messages[0]",
          message="needs `content`"),
     Case("tool-message-null-content", CHAT, chat(messages=[{"role": "tool", "content": None}]),

@@ -267,3 +267,17 @@ def test_a_disconnect_storm_leaves_counters_exact_and_every_block_free(tiny_serv
              for reason in ("abort", "length", "stop", "error")}
     assert delta == {"abort": 50, "length": 50, "stop": 0, "error": 0}
     assert metric(after, "vllm:kv_cache_usage_perc") == 0.0  # every block back in the pool
+
+
+def test_every_labelled_series_exists_from_startup(hard_server: Server):
+    samples = hard_server.metrics()
+    for reason in ("stop", "length", "abort", "error"):
+        assert f'vllm:request_success_total{{engine="0",finished_reason="{reason}",model_name="tiny"}}' in samples
+    for name in ("vllm:request_max_num_generation_tokens_count", "vllm:request_params_n_count",
+                 "vllm:request_params_max_tokens_count", "vllm:request_inference_time_seconds_count",
+                 "vllm:request_time_per_output_token_seconds_count", "vllm:prompt_tokens_cached_total",
+                 "vllm:num_requests_waiting"):
+        assert f'{name}{{engine="0",model_name="tiny"}}' in samples, name
+    assert samples["process_resident_memory_bytes"] > 0
+    info = [k for k in samples if k.startswith("vllm:cache_config_info{")]
+    assert len(info) == 1 and 'block_size="16"' in info[0] and samples[info[0]] == 1.0

@@ -26,10 +26,11 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from shoal.api.anthropic_protocol import (MessagesRequest, chat_prompt, parse_tools,
+from shoal.api.anthropic_protocol import (MessagesRequest, chat_prompt, forced_call, parse_tools,
                                           prompt_too_long, sampling_params)
 from shoal.api.auth import require_api_key
 from shoal.api.body import parse_body
+from shoal.api.structured import compiled
 from shoal.api.chat import ChatDelta, ChatFinish, ChatResult, ChatRun
 from shoal.api.output_parser import Segment, SegmentKind
 from shoal.api.request_id import new_request_id
@@ -51,9 +52,11 @@ async def messages(request: Request) -> Response:
     req = await parse_body(request, MessagesRequest, server.config.max_request_bytes)
     model = _check(server, req)
     conversation = chat_prompt(req)
+    structured = await compiled(server.engine, forced_call(req, conversation.tools, server.chat.tool_format,
+                                                             server.engine.structured.lark_literal))
     prompt = await server.chat.render(conversation)
     params = sampling_params(req, len(prompt), server.engine.info.max_model_len,
-                             server.sampling_defaults)
+                             server.sampling_defaults, structured)
     request_id = new_request_id(request.state.request_id)
     # Tool parsers look argument types up in OpenAI-shaped tools (function.parameters).
     run = start(lambda: server.chat.start(prompt, [params], request_id, None,

@@ -17,8 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from shoal.api.chat import ChatPrompt
 from shoal.api.errors import APIError, bad_request
 from shoal.api.protocol import INT32_MAX
+from shoal.api.structured import forced_tool_call
+from shoal.api.tool_formats import ToolFormat
 from shoal.api.sampling import SamplingDefaults, given
 from shoal.engine.sampling_params import SamplingParams, SamplingParamsError
+from shoal.engine.structured_output import StructuredOutput
 
 STRICT = ConfigDict(strict=True, extra="ignore", frozen=True)
 BILLING_HEADER = "x-anthropic-billing-header"
@@ -184,14 +187,24 @@ def thinking_on(req: MessagesRequest) -> bool:
 
 
 def parse_tools(req: MessagesRequest) -> bool:
-    """Whether to read tool calls out of the output; refuses forcing a call (not yet)."""
+    """Whether to read tool calls out of the output."""
     kind = (req.tool_choice or {}).get("type", "auto")
-    if kind in ("any", "tool"):
-        raise bad_request(f"tool_choice type {kind!r} is not supported yet; use 'auto' or 'none'.",
-                          "tool_choice")
-    if kind not in ("auto", "none"):
+    if kind not in ("auto", "none", "any", "tool"):
         raise bad_request(f"Unknown tool_choice type {kind!r}.", "tool_choice")
-    return kind == "auto"
+    return kind != "none"
+
+
+def forced_call(req: MessagesRequest, tools: list[dict[str, Any]] | None,
+                tool_format: ToolFormat | None, literal) -> tuple[StructuredOutput, str] | None:
+    """`tool_choice` `any` (some tool) or `tool` (the named one) as a grammar."""
+    choice = req.tool_choice or {}
+    kind = choice.get("type", "auto")
+    if kind not in ("any", "tool"):
+        return None
+    name = choice.get("name") if kind == "tool" else None
+    if kind == "tool" and not isinstance(name, str):
+        raise bad_request("tool_choice of type 'tool' needs a `name`.", "tool_choice")
+    return forced_tool_call(tools, name, tool_format, "tool_choice", literal), "tool_choice"
 
 
 def prompt_too_long(num_prompt: int, max_model_len: int) -> APIError:
@@ -201,7 +214,7 @@ def prompt_too_long(num_prompt: int, max_model_len: int) -> APIError:
 
 
 def sampling_params(req: MessagesRequest, num_prompt: int, max_model_len: int,
-                    defaults: SamplingDefaults) -> SamplingParams:
+                    defaults: SamplingDefaults, structured: StructuredOutput | None = None) -> SamplingParams:
     """`max_tokens` clamped to the room left in the context window (Claude Code asks for
     32000 whatever the model)."""
     if req.max_tokens is None:
@@ -214,6 +227,6 @@ def sampling_params(req: MessagesRequest, num_prompt: int, max_model_len: int,
             top_p=given(req.top_p, defaults.top_p), top_k=given(req.top_k, defaults.top_k),
             min_p=defaults.min_p, repetition_penalty=defaults.repetition_penalty,
             max_tokens=min(req.max_tokens, max_model_len - num_prompt),
-            stop=tuple(req.stop_sequences or ()))
+            stop=tuple(req.stop_sequences or ()), structured_output=structured)
     except SamplingParamsError as exc:
         raise bad_request(str(exc), exc.param) from None

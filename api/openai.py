@@ -21,6 +21,8 @@ from shoal.api.body import parse_body
 from shoal.api.chat import ChatPrompt
 from shoal.api.choices import ChoiceStreams
 from shoal.api.errors import bad_request
+from shoal.api.structured import compiled, forced_tool_call, requested_output
+from shoal.engine.structured_output import StructuredOutput
 from shoal.api.prompts import completion_prompts
 from shoal.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from shoal.api.render import ChatRenderer, CompletionRenderer, Renderer, usage
@@ -40,10 +42,12 @@ async def chat_completions(request: Request) -> Response:
     model = _check_common(server, req)
     _check_chat_options(req)
     engine = server.engine
+    structured = await compiled(engine, chat_output(req, server.chat.tool_format, engine.structured.lark_literal))
     prompt = await server.chat.render(chat_prompt(req))
     logprobs = chat_logprobs(req)
     max_tokens = resolve_max_tokens(req.requested_max_tokens, len(prompt), engine.info.max_model_len)
-    params = sampling_params(req, max_tokens, logprobs, engine.info.vocab_size, server.sampling_defaults)
+    params = sampling_params(req, max_tokens, logprobs, engine.info.vocab_size, server.sampling_defaults,
+                             structured)
     request_id = new_request_id(request.state.request_id)
     parse_tools = req.tool_choice != "none"
     run = start(lambda: server.chat.start(prompt, params, request_id, req.cache_salt, req.tools,
@@ -64,11 +68,12 @@ async def completions(request: Request) -> Response:
     req = await parse_body(request, CompletionRequest, server.config.max_request_bytes)
     model = _check_common(server, req)
     engine = server.engine
+    structured = await compiled(engine, requested_output(req))
     prompts = await asyncio.to_thread(completion_prompts, engine.tokenizer, req.prompt, engine.info.vocab_size)
     logprobs = completion_logprobs(req)
     params = [sampling_params(req, resolve_max_tokens(req.max_tokens, len(p.token_ids),
                                                       engine.info.max_model_len),
-                              logprobs, engine.info.vocab_size, server.sampling_defaults)
+                              logprobs, engine.info.vocab_size, server.sampling_defaults, structured)
               for p in prompts]
     request_id = new_request_id(request.state.request_id)
     run = start(lambda: ChoiceStreams.start(engine, [p.token_ids for p in prompts], params,
@@ -132,15 +137,26 @@ def _check_common(server: ServerState, req: SamplingRequest) -> str:
     return model
 
 
+def chat_output(req: ChatCompletionRequest, tool_format, literal) -> tuple[StructuredOutput, str] | None:
+    """The grammar a chat request asks for: response_format / vLLM's fields, or a forced call."""
+    found = requested_output(req, req.response_format)
+    choice = req.tool_choice
+    if choice in (None, "none", "auto"):
+        return found
+    if choice == "required":
+        name = None
+    elif (isinstance(choice, dict) and choice.get("type") == "function"
+          and isinstance(_field(choice.get("function"), "name"), str)):
+        name = choice["function"]["name"]
+    else:
+        raise bad_request("tool_choice must be 'none', 'auto', 'required' or "
+                          '{"type": "function", "function": {"name": ...}}.', "tool_choice")
+    if found is not None:
+        raise bad_request(f"A forced tool call cannot be combined with `{found[1]}`.", "tool_choice")
+    return forced_tool_call(req.tools, name, tool_format, "tool_choice", literal), "tool_choice"
+
+
 def _check_chat_options(req: ChatCompletionRequest) -> None:
-    # Refuse what would otherwise be silently ignored: clients rely on these guarantees.
-    kind = _field(req.response_format, "type")
-    if kind not in (None, "text"):
-        raise bad_request(f"response_format type {kind!r} is not supported; only 'text'.",
-                          "response_format")
-    choice = req.tool_choice if isinstance(req.tool_choice, str) else _field(req.tool_choice, "type")
-    if choice not in (None, "none", "auto"):
-        raise bad_request("Only tool_choice 'auto' and 'none' are supported.", "tool_choice")
     if req.continue_final_message and req.messages[-1].role != "assistant":
         raise bad_request("`continue_final_message` needs a final assistant message.",
                           "continue_final_message")

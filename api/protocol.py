@@ -85,7 +85,8 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     cache_salt: str | None = Field(None, min_length=1)  # tenants with different salts share no prefix blocks
-    # vLLM fields Shoal does not honour yet: refused with a 400, never silently dropped.
+    # vLLM's structured output fields (api/structured.py), then fields Shoal does not honour
+    # yet: those are refused with a 400, never silently dropped.
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
@@ -96,8 +97,7 @@ class SamplingRequest(BaseModel):
 
     def unsupported_fields(self) -> list[tuple[str, Any]]:
         """(name, value) of every field set that this server would otherwise ignore."""
-        names = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                 "structured_outputs", "prompt_logprobs")
+        names = ("prompt_logprobs",)
         out = [(name, getattr(self, name)) for name in names if getattr(self, name) is not None]
         if self.best_of not in (None, 1):
             out.append(("best_of", self.best_of))

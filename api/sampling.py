@@ -15,6 +15,7 @@ from typing import Any
 from shoal.api.errors import bad_request, context_length_exceeded
 from shoal.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from shoal.engine.sampling_params import SamplingParams, SamplingParamsError
+from shoal.engine.structured_output import StructuredOutput
 
 
 @dataclass(frozen=True)
@@ -71,20 +72,21 @@ def resolve_max_tokens(requested: int | None, num_prompt: int, max_model_len: in
 
 
 def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: LogprobsRequest,
-                    vocab_size: int, defaults: SamplingDefaults = SamplingDefaults()) -> list[SamplingParams]:
+                    vocab_size: int, defaults: SamplingDefaults = SamplingDefaults(),
+                    structured: StructuredOutput | None = None) -> list[SamplingParams]:
     """The n SamplingParams for one prompt; a seeded request gives choice i seed + i so the
-    choices differ yet stay reproducible."""
+    choices differ yet stay reproducible. `structured`: the grammar every choice matches."""
     bias = logit_bias(req.logit_bias, vocab_size)
     seeds = [None if req.seed is None else req.seed + i for i in range(req.n)]
     try:
-        return [_params(req, max_tokens, logprobs, bias, seed, defaults) for seed in seeds]
+        return [_params(req, max_tokens, logprobs, bias, seed, defaults, structured) for seed in seeds]
     except SamplingParamsError as exc:
         raise bad_request(str(exc), exc.param) from None
 
 
 def _params(req: SamplingRequest, max_tokens: int, logprobs: LogprobsRequest,
             bias: tuple[tuple[int, float], ...], seed: int | None,
-            defaults: SamplingDefaults) -> SamplingParams:
+            defaults: SamplingDefaults, structured: StructuredOutput | None) -> SamplingParams:
     return SamplingParams(
         temperature=given(req.temperature, defaults.temperature), top_p=given(req.top_p, defaults.top_p),
         top_k=defaults.top_k if req.top_k is None else max(req.top_k, 0),
@@ -94,7 +96,8 @@ def _params(req: SamplingRequest, max_tokens: int, logprobs: LogprobsRequest,
         frequency_penalty=given(req.frequency_penalty, 0.0),
         seed=seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-        logprobs=logprobs.enabled, top_logprobs=logprobs.top, logit_bias=bias)
+        logprobs=logprobs.enabled, top_logprobs=logprobs.top, logit_bias=bias,
+        structured_output=structured)
 
 
 def given(value: Any, default: Any) -> Any:

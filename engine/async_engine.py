@@ -20,13 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from shoal.engine.config import EngineConfig
-from shoal.engine.llm import scheduler_config
+from shoal.engine.llm import make_scheduler
 from shoal.engine.model_runner import ModelInfo, ModelRunner
 from shoal.engine.output_processor import RequestDetokenizer
 from shoal.engine.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput, StepOutput
 from shoal.engine.request import Request, RequestStatus
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import Scheduler
+from shoal.engine.structured_output import StructuredOutput
 from shoal.engine.stats import StatLogger, StatsCollector, finished_request_stats
 
 log = logging.getLogger("shoal")
@@ -97,7 +98,8 @@ class AsyncEngine:
 
     async def start(self) -> AsyncEngine:
         self.runner = await self._on_mlx(self._runner_factory)
-        self.scheduler = Scheduler(scheduler_config(self.config, self.runner))
+        self.scheduler, self.structured = make_scheduler(self.config, self.runner)
+        await asyncio.to_thread(self.structured.warm)  # so requests never build it on the loop
         self._stats.start(self.scheduler)
         self._loop_task = asyncio.create_task(self._step_loop(), name="shoal-step-loop")
         info = self.info
@@ -156,6 +158,10 @@ class AsyncEngine:
         self._streams[request_id] = stream
         self._wakeup.set()
         return stream
+
+    async def compile_structured_output(self, spec: StructuredOutput) -> None:
+        """Compile (and cache) a grammar off the event loop; ValueError if it is invalid."""
+        await asyncio.to_thread(self.structured.compile, spec)
 
     def _bans_every_token(self, params: SamplingParams) -> bool:
         vocab = self.info.vocab_size
@@ -282,7 +288,7 @@ class AsyncEngine:
             if delta.stop_string is not None:
                 out.request.stop_reason = delta.stop_string
                 self.scheduler.finish_requests([out.request.request_id], RequestStatus.FINISHED_STOPPED)
-            self._emit(stream, out.new_token_ids, delta.text, out.logprobs)
+            self._emit(stream, out.new_token_ids, delta.text, out.logprobs, error=out.request.error)
 
     def _emit(self, stream: RequestStream, token_ids: tuple[int, ...], text: str, logprobs=(), error: str | None = None) -> None:
         request = stream.request

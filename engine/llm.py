@@ -9,10 +9,12 @@ from __future__ import annotations
 import itertools
 
 from shoal.engine.config import EngineConfig
+from shoal.engine.logits_process import LogitsProcessor, default_processors
 from shoal.engine.model_runner import ModelRunner
 from shoal.engine.request import Request
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import Scheduler, SchedulerConfig
+from shoal.engine.structured_output import StructuredOutputManager
 
 
 def scheduler_config(config: EngineConfig, runner: ModelRunner) -> SchedulerConfig:
@@ -23,11 +25,28 @@ def scheduler_config(config: EngineConfig, runner: ModelRunner) -> SchedulerConf
         enable_prefix_caching=config.enable_prefix_caching)
 
 
+def make_scheduler(config: EngineConfig, runner: ModelRunner) -> tuple[Scheduler, StructuredOutputManager]:
+    """The scheduler with every engine's logits processors: the min_tokens ban and, for
+    requests with a `structured_output`, a grammar matcher from the returned manager."""
+    info = runner.info
+    structured = StructuredOutputManager(getattr(runner.tokenizer, "_tokenizer", runner.tokenizer),
+                                         info.vocab_size, info.eos_token_ids)
+
+    def processors(request: Request) -> list[LogitsProcessor]:
+        out = default_processors(request)
+        spec = request.params.structured_output
+        if spec is not None:
+            out.append(structured.processor(spec, request.output_token_ids))
+        return out
+
+    return Scheduler(scheduler_config(config, runner), processors), structured
+
+
 class LLM:
     def __init__(self, config: EngineConfig, runner: ModelRunner | None = None):
         self.config = config
         self.runner = runner or ModelRunner.load(config)
-        self.scheduler = Scheduler(scheduler_config(config, self.runner))
+        self.scheduler, self.structured = make_scheduler(config, self.runner)
         self._ids = itertools.count()
 
     def add(self, prompt_token_ids: list[int], params: SamplingParams) -> Request:

@@ -24,7 +24,8 @@ from shoal.engine.loader import load_model
 from shoal.engine.outputs import ModelRunnerOutput, SchedulerOutput, ScheduledRequest
 from shoal.engine.attention import AttentionSelector
 from shoal.engine.paged_cache import PagedKVCache, install_attention
-from shoal.engine.sampler import Sampler, to_logprobs
+from shoal.engine.logits_process import step_bias
+from shoal.engine.sampler import Sampler
 
 log = logging.getLogger("shoal")
 
@@ -197,17 +198,12 @@ class ModelRunner:
             mx.eval(pools)
             return ModelRunnerOutput((None,) * len(rows))
         sample_rows = [rows[i] for i in sample_idx]
-        batch = self.sampler.prepare(sample_rows)
         if len(sample_idx) < len(rows):  # decode steps sample every row: no copy then
             logits = logits[mx.array(sample_idx)]
-        tokens, chosen, top = self.sampler.sample(logits, batch)
-        mx.eval([a for a in (tokens, chosen, top) if a is not None], pools)
-        tokens_np = np.array(tokens)
-        logprobs = None
-        if chosen is not None:
-            top_np = (np.array(top[0]), np.array(top[1])) if top is not None else None
-            logprobs = self._align(rows, sample_idx, to_logprobs(tokens_np, np.array(chosen), top_np, batch, sample_rows))
-        return ModelRunnerOutput(self._align(rows, sample_idx, tokens_np.tolist()), logprobs)
+        mx.async_eval(logits, pools)  # the forward runs while the processors fill their masks
+        out = self.sampler(logits, sample_rows, step_bias(sample_rows, self.info.vocab_size))
+        logprobs = None if out.logprobs is None else self._align(rows, sample_idx, out.logprobs)
+        return ModelRunnerOutput(self._align(rows, sample_idx, out.token_ids), logprobs)
 
     def _forward(self, rows: tuple[ScheduledRequest, ...]) -> mx.array:
         """Logits (R, V) at each row's last scheduled token, in row order."""

@@ -26,7 +26,7 @@ class ScheduledRequest:
     params: SamplingParams
     history: tuple[int, ...] | None  # prompt + output ids, only when penalties need them
     num_prompt_tokens: int
-    banned_token_ids: tuple[int, ...] = ()  # EOS / stop ids while below min_tokens
+    processors: tuple = ()  # LogitsProcessors of a row that samples (engine/logits_process.py)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ class Request:
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.processors: list = []  # LogitsProcessors, set by the scheduler at admission
+        self.error: str | None = None  # why a FINISHED_ERROR request failed
 
     @property
     def num_prompt_tokens(self) -> int:

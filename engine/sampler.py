@@ -27,8 +27,16 @@ class SamplingBatch:
     bias: np.ndarray | None  # (R, V) additive: logit_bias, banned ids
     penalties: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # counts, (R, 3) knobs, seen mask
     noise: np.ndarray | None  # (R, V) Gumbel noise for non-greedy rows (0 for greedy rows)
-    num_top_logprobs: int  # max top_logprobs over rows; -1 when no row wants logprobs
+    num_top_logprobs: int | None  # max top_logprobs over rows; None when no row wants logprobs
     wants_logprobs: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    """One token per row, and its logprobs for the rows that asked (None if none did)."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 LOGIT_LIMIT = 1e30  # penalized logits are clipped to +-this, so every logprob stays finite
@@ -49,31 +57,42 @@ class Sampler:
         for request_id in request_ids:
             self._request_rngs.pop(request_id, None)
 
-    def prepare(self, rows: list[ScheduledRequest]) -> SamplingBatch:
+    def __call__(self, logits: mx.array, rows: list[ScheduledRequest],
+                 processor_bias: np.ndarray | None = None) -> SamplerOutput:
+        """Sample every row of `logits` (R, V); `processor_bias` is the rows' logits-processor
+        mask (engine/logits_process.step_bias), added with logit_bias before anything else."""
+        batch = self.prepare(rows, processor_bias)
+        tokens, chosen, top = self.sample(logits, batch)
+        mx.eval([a for a in (tokens, chosen, top) if a is not None])
+        token_ids = np.array(tokens)
+        if chosen is None:
+            return SamplerOutput(token_ids.tolist())
+        top_np = (np.array(top[0]), np.array(top[1])) if top is not None else None
+        return SamplerOutput(token_ids.tolist(), to_logprobs(token_ids, np.array(chosen), top_np, batch, rows))
+
+    def prepare(self, rows: list[ScheduledRequest], processor_bias: np.ndarray | None = None) -> SamplingBatch:
         params = [r.params for r in rows]
-        num_logprobs = max((p.top_logprobs for p in params if p.logprobs), default=-1)
+        num_logprobs = max((p.top_logprobs for p in params if p.logprobs), default=None)
         return SamplingBatch(
             temperature=np.array([p.temperature for p in params], dtype=np.float32),
             top_k=np.array([min(p.top_k, self.vocab_size) for p in params], dtype=np.int32),
             top_p=np.array([p.top_p for p in params], dtype=np.float32),
             min_p=np.array([p.min_p for p in params], dtype=np.float32),
-            bias=self._bias(rows),
+            bias=self._bias(rows, processor_bias),
             penalties=self._penalties(rows),
             noise=self._noise(rows),
             num_top_logprobs=num_logprobs,
             wants_logprobs=tuple(p.logprobs for p in params),
         )
 
-    def _bias(self, rows: list[ScheduledRequest]) -> np.ndarray | None:
-        if not any(r.params.logit_bias or r.banned_token_ids for r in rows):
-            return None
-        bias = np.zeros((len(rows), self.vocab_size), dtype=np.float32)
+    def _bias(self, rows: list[ScheduledRequest], processor_bias: np.ndarray | None) -> np.ndarray | None:
+        if not any(r.params.logit_bias for r in rows):
+            return processor_bias
+        bias = np.zeros((len(rows), self.vocab_size), dtype=np.float32) if processor_bias is None else processor_bias
         for i, r in enumerate(rows):
             for token, value in r.params.logit_bias:
                 if 0 <= token < self.vocab_size:
                     bias[i, token] += value
-            banned = [t for t in r.banned_token_ids if 0 <= t < self.vocab_size]
-            bias[i, banned] = -np.inf
         return bias
 
     def _penalties(self, rows: list[ScheduledRequest]):
@@ -117,11 +136,12 @@ class Sampler:
         if batch.penalties is not None:
             logits = apply_penalties(logits, *map(mx.array, batch.penalties))
         if batch.bias is not None:
-            logits = logits + mx.array(batch.bias)
+            bias = mx.array(batch.bias)  # a masked token stays -inf whatever its logit (even +inf)
+            logits = mx.where(bias == -mx.inf, -mx.inf, logits + bias)
         tokens = mx.argmax(logits, axis=-1)
         if batch.noise is not None:
             tokens = mx.where(mx.array(batch.temperature == 0), tokens, self._sample(logits, batch))
-        if batch.num_top_logprobs < 0:
+        if batch.num_top_logprobs is None:
             return tokens, None, None
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

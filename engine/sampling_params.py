@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from shoal.engine.structured_output import StructuredOutput
+
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 1024
@@ -46,6 +48,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
+    structured_output: StructuredOutput | None = None  # a grammar the output must match
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from shoal.engine.block_pool import BlockPool
 from shoal.engine.kv_cache_manager import KVCacheManager
+from shoal.engine.logits_process import ConstraintError, ProcessorFactory, default_processors
 from shoal.engine.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, StepOutput
 from shoal.engine.request import Request, RequestStatus
 
@@ -50,8 +51,9 @@ class SchedulerCounters:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, processors: ProcessorFactory = default_processors):
         self.config = config
+        self._make_processors = processors
         self.pool = BlockPool(config.num_blocks, config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, config.block_size)
         self.waiting: deque[Request] = deque()
@@ -71,6 +73,7 @@ class Scheduler:
         if request.num_tokens >= self.config.max_model_len:
             raise ValueError(f"prompt of {request.num_tokens} tokens leaves no room to generate "
                              f"within max_model_len={self.config.max_model_len}")
+        request.processors = self._make_processors(request)  # may raise ValueError
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -132,20 +135,17 @@ class Scheduler:
         start = request.num_computed_tokens
         end = start + num_new
         params = request.params
-        banned: tuple[int, ...] = ()
-        if request.num_output_tokens < params.min_tokens:
-            eos = () if params.ignore_eos else tuple(request.eos_token_ids)
-            banned = eos + params.stop_token_ids
+        sample = end == request.num_tokens
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.token_slice(start, end),
             start_pos=start,
             block_ids=tuple(self.kv.block_ids(request.request_id)),
-            sample=end == request.num_tokens,
+            sample=sample,
             params=params,
             history=tuple(request.all_token_ids) if params.uses_penalties else None,
             num_prompt_tokens=request.num_prompt_tokens,
-            banned_token_ids=banned,
+            processors=tuple(request.processors) if sample else (),
         )
 
     def _make_output(self, scheduled: list[ScheduledRequest]) -> SchedulerOutput:
@@ -171,14 +171,25 @@ class Scheduler:
                 continue
             request.append_output_token(token)
             self.stats.num_generation_tokens += 1
-            status = self._check_stop(request, token)
+            status = self._advance_processors(request, token) or self._check_stop(request, token)
             if status is not None:
                 self._finish(request, status)
             outputs.append(StepOutput(request, (token,), (logprobs,) if logprobs else ()))
         return outputs
 
+    @staticmethod
+    def _advance_processors(request: Request, token: int) -> RequestStatus | None:
+        done = False
+        try:
+            for processor in request.processors:
+                done |= processor.accept(token)
+        except ConstraintError as exc:
+            request.error = str(exc)
+            return RequestStatus.FINISHED_ERROR
+        return RequestStatus.FINISHED_STOPPED if done else None  # a grammar is complete
+
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
-        # EOS and stop ids below min_tokens never get here: the sampler bans them.
+        # EOS and stop ids below min_tokens never get here: MinTokensProcessor bans them.
         params = request.params
         if not params.ignore_eos and token in request.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
@@ -223,6 +234,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         request.status = status
+        request.processors = []
         self.kv.free(request)
         self.requests.pop(request.request_id, None)
         self._finished_ids.append(request.request_id)

@@ -201,8 +201,8 @@ def test_errors_have_anthropic_shape(agent_server: Server):
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}]}]
     assert httpx.post(agent_server.url("/v1/messages"), json={**base, "messages": turn},
                       timeout=30).status_code == 200
-    assert "tool_choice" in error({**base, "tools": [WEATHER_TOOL], "tool_choice": {"type": "any"}},
-                                  400, "invalid_request_error")
+    assert "nope" in error({**base, "tools": [WEATHER_TOOL], "tool_choice": {"type": "tool", "name": "nope"}},
+                           400, "invalid_request_error")
     long = [{"role": "user", "content": "x" * AGENT_MAX_MODEL_LEN}]
     message = error({**base, "messages": long}, 400, "invalid_request_error")
     assert message.startswith("prompt is too long: ") and message.endswith(

@@ -31,7 +31,7 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """What a request's output must match. `spec` is text (a schema as canonical JSON, a
+    """What a request's output must match. `spec` is text (a schema as compact JSON, a
     regex, a JSON list of choices, a Lark grammar), so the whole thing is hashable."""
 
     kind: str
@@ -43,7 +43,8 @@ class StructuredOutput:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool) -> StructuredOutput:
-        return cls("json", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        # Key order kept: properties are generated in the order the schema lists them.
+        return cls("json", json.dumps(schema, separators=(",", ":")))
 
     @classmethod
     def choice(cls, options: list[str]) -> StructuredOutput:

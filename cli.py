@@ -75,6 +75,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="most requests running at once")
     p.add_argument("--max-num-batched-tokens", type=positive_int,
                    default=EngineConfig.max_num_batched_tokens, help="token budget of one engine step")
+    p.add_argument("--prefill-budget-while-decoding", type=positive_int,
+                   default=EngineConfig.prefill_budget_while_decoding,
+                   help="prompt tokens per step while any request is decoding, so a burst of "
+                        "arrivals does not stall decodes (the full step budget when none is)")
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context window (default: the model's, capped by the KV pool)")
     p.add_argument("--max-waiting-requests", type=int, default=EngineConfig.max_waiting_requests,
@@ -226,6 +230,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, block_size=args.block_size, kv_cache_bytes=args.kv_cache_memory,
         num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        prefill_budget_while_decoding=args.prefill_budget_while_decoding,
         enable_prefix_caching=not args.no_prefix_caching, dtype=args.dtype, seed=args.seed,
         attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests)
 

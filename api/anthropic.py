@@ -52,9 +52,11 @@ async def messages(request: Request) -> Response:
     req = await parse_body(request, MessagesRequest, server.config.max_request_bytes)
     model = _check(server, req)
     conversation = chat_prompt(req)
-    structured = await compiled(server.engine, forced_call(req, conversation.tools, server.chat.tool_format,
-                                                             server.engine.structured.lark_literal))
     prompt = await server.chat.render(conversation)
+    chat = server.chat
+    close = chat.reasoning.end if chat.opens_in_reasoning(prompt) else None
+    structured = await compiled(server.engine, forced_call(req, conversation.tools, chat.tool_format,
+                                                           server.engine.structured.lark_literal, close))
     params = sampling_params(req, len(prompt), server.engine.info.max_model_len,
                              server.sampling_defaults, structured)
     request_id = new_request_id(request.state.request_id)
@@ -182,7 +184,7 @@ async def stream_events(run: ChatRun, message: MessageWriter, ping_interval: flo
     async with aclosing(run.deltas()) as deltas, aclosing(with_pings(deltas, ping_interval)) as items:
         async for delta in items:
             if delta is not None and delta.output.error is not None:
-                error = engine_failure(run.engine.is_alive, delta.output.error)
+                error = engine_failure(run.engine, delta.output.error)
                 yield named_event("error", error.anthropic_body())
                 return
             frames = [] if delta is None else message.segments(delta.segments)

@@ -194,8 +194,8 @@ def parse_tools(req: MessagesRequest) -> bool:
     return kind != "none"
 
 
-def forced_call(req: MessagesRequest, tools: list[dict[str, Any]] | None,
-                tool_format: ToolFormat | None, literal) -> tuple[StructuredOutput, str] | None:
+def forced_call(req: MessagesRequest, tools: list[dict[str, Any]] | None, tool_format: ToolFormat | None,
+                literal, close_reasoning: str | None) -> tuple[StructuredOutput, str] | None:
     """`tool_choice` `any` (some tool) or `tool` (the named one) as a grammar."""
     choice = req.tool_choice or {}
     kind = choice.get("type", "auto")
@@ -204,7 +204,7 @@ def forced_call(req: MessagesRequest, tools: list[dict[str, Any]] | None,
     name = choice.get("name") if kind == "tool" else None
     if kind == "tool" and not isinstance(name, str):
         raise bad_request("tool_choice of type 'tool' needs a `name`.", "tool_choice")
-    return forced_tool_call(tools, name, tool_format, "tool_choice", literal), "tool_choice"
+    return forced_tool_call(tools, name, tool_format, "tool_choice", literal, close_reasoning), "tool_choice"
 
 
 def prompt_too_long(num_prompt: int, max_model_len: int) -> APIError:

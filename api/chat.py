@@ -194,11 +194,15 @@ class ChatService:
             ids = ids["input_ids"]
         return list(ids)
 
+    def opens_in_reasoning(self, prompt_ids: list[int]) -> bool:
+        """True when the output begins inside a think section (the prompt opened it)."""
+        return self.reasoning is not None and starts_in_reasoning(self.tokenizer, prompt_ids)
+
     def start(self, prompt_ids: list[int], params: Sequence[SamplingParams], request_id: str,
               cache_salt: str | None, tools: list[dict] | None, parse_tools: bool = True) -> ChatRun:
         """Queue the choices (raises the engine's ValueError / EngineDeadError)."""
         choices = ChoiceStreams.start(self.engine, [prompt_ids], [params], request_id, cache_salt)
-        in_reasoning = self.reasoning is not None and starts_in_reasoning(self.tokenizer, prompt_ids)
+        in_reasoning = self.opens_in_reasoning(prompt_ids)
         tool_format = self.tool_format if parse_tools else None
         parsers = [OutputParser(tool_format, self.reasoning, tools, in_reasoning) for _ in params]
         return ChatRun(choices, parsers)

@@ -50,7 +50,7 @@ class FramingMiddleware:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # the builtin TimeoutError only from 3.11
                 raise BodyTimeoutError(self.body_timeout) from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True

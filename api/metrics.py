@@ -50,6 +50,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 N_BUCKETS = (1, 2, 5, 10, 20)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 LABELS = ("model_name", "engine")
+MAX_OPEN_PARENTS = 4096  # n > 1 requests with choices still running (refused ones never finish)
 
 
 class PrometheusStatLogger:
@@ -167,6 +168,8 @@ class PrometheusStatLogger:
         done, most = done + 1, max(most, r.num_generation_tokens)
         if done < r.n_param:
             self._children[r.parent_id] = (done, most)
+            while len(self._children) > MAX_OPEN_PARENTS:  # parents whose choices never all came
+                del self._children[next(iter(self._children))]
             return
         self.params_n.observe(r.n_param)
         self.max_generation.observe(most)

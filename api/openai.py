@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from shoal.api.auth import require_api_key
 from shoal.api.body import parse_body
-from shoal.api.chat import ChatPrompt
+from shoal.api.chat import ChatPrompt, ChatService
 from shoal.api.choices import ChoiceStreams
 from shoal.api.errors import bad_request
 from shoal.api.structured import compiled, forced_tool_call, requested_output
@@ -42,8 +42,8 @@ async def chat_completions(request: Request) -> Response:
     model = _check_common(server, req)
     _check_chat_options(req)
     engine = server.engine
-    structured = await compiled(engine, chat_output(req, server.chat.tool_format, engine.structured.lark_literal))
     prompt = await server.chat.render(chat_prompt(req))
+    structured = await compiled(engine, chat_output(req, server.chat, prompt, engine.structured.lark_literal))
     logprobs = chat_logprobs(req)
     max_tokens = resolve_max_tokens(req.requested_max_tokens, len(prompt), engine.info.max_model_len)
     params = sampling_params(req, max_tokens, logprobs, engine.info.vocab_size, server.sampling_defaults,
@@ -100,7 +100,7 @@ async def stream_events(run: Run, renderer: Renderer, include_usage: bool) -> As
     async with aclosing(run.deltas()) as deltas:
         async for delta in deltas:
             if delta.output.error is not None:
-                yield event(engine_failure(run.engine.is_alive, delta.output.error).body())
+                yield event(engine_failure(run.engine, delta.output.error).body())
                 yield DONE
                 return
             if (choice := renderer.delta(delta)) is not None:
@@ -137,7 +137,8 @@ def _check_common(server: ServerState, req: SamplingRequest) -> str:
     return model
 
 
-def chat_output(req: ChatCompletionRequest, tool_format, literal) -> tuple[StructuredOutput, str] | None:
+def chat_output(req: ChatCompletionRequest, chat: ChatService, prompt: list[int],
+                literal) -> tuple[StructuredOutput, str] | None:
     """The grammar a chat request asks for: response_format / vLLM's fields, or a forced call."""
     found = requested_output(req, req.response_format)
     choice = req.tool_choice
@@ -146,14 +147,15 @@ def chat_output(req: ChatCompletionRequest, tool_format, literal) -> tuple[Struc
     if choice == "required":
         name = None
     elif (isinstance(choice, dict) and choice.get("type") == "function"
-          and isinstance(_field(choice.get("function"), "name"), str)):
+          and isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)):
         name = choice["function"]["name"]
     else:
         raise bad_request("tool_choice must be 'none', 'auto', 'required' or "
                           '{"type": "function", "function": {"name": ...}}.', "tool_choice")
     if found is not None:
         raise bad_request(f"A forced tool call cannot be combined with `{found[1]}`.", "tool_choice")
-    return forced_tool_call(req.tools, name, tool_format, "tool_choice", literal), "tool_choice"
+    close = chat.reasoning.end if chat.opens_in_reasoning(prompt) else None
+    return forced_tool_call(req.tools, name, chat.tool_format, "tool_choice", literal, close), "tool_choice"
 
 
 def _check_chat_options(req: ChatCompletionRequest) -> None:

@@ -36,13 +36,14 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE and self._header_timer is not None:
-            self._header_timer.cancel()  # the request head is complete
-            self._header_timer = None
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm_header_timer()  # the next request on this connection gets its own deadline
+        if self.conn.their_state is not h11.IDLE:
+            if self._header_timer is not None:
+                self._header_timer.cancel()  # the request head is complete
+                self._header_timer = None
+        elif self._header_timer is None:
+            # The first bytes of the next request on a kept-alive connection: its own deadline
+            # (an idle kept-alive connection is uvicorn's --keep-alive-timeout's business).
+            self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._header_timer is not None:
@@ -50,8 +51,6 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def _arm_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
         self._header_timer = self.loop.call_later(self.header_timeout, self._on_header_timeout)
 
     def _on_header_timeout(self) -> None:

@@ -70,7 +70,7 @@ async def collect(run: Run) -> list[Any]:
         async for delta in deltas:
             results[delta.index].add(delta)
             if delta.output.error is not None:
-                raise engine_failure(run.engine.is_alive, delta.output.error)
+                raise engine_failure(run.engine, delta.output.error)
     return results
 
 
@@ -97,8 +97,9 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def engine_failure(engine_alive: bool, message: str) -> APIError:
-    if not engine_alive:
+def engine_failure(engine: AsyncEngine, message: str) -> APIError:
+    """500 for one request's failure; 503 when the engine is dead or draining for shutdown."""
+    if not engine.is_alive or engine.draining:
         return engine_unavailable(message)
     return APIError(500, message)
 

@@ -100,10 +100,13 @@ def _spec(kind: str, value: Any, param: str) -> StructuredOutput:
 
 
 def forced_tool_call(tools: list[dict[str, Any]] | None, name: str | None, tool_format: ToolFormat | None,
-                     param: str, literal: Callable[[str], str] = json.dumps) -> StructuredOutput:
+                     param: str, literal: Callable[[str], str] = json.dumps,
+                     close_reasoning: str | None = None) -> StructuredOutput:
     """A grammar for exactly one call, in `tool_format`, to tool `name` (None: any of `tools`,
     given OpenAI-shaped: {"type": "function", "function": {"name", "parameters"}}). `literal`
-    renders a marker as a Lark terminal (StructuredOutputManager.lark_literal)."""
+    renders a marker as a Lark terminal (StructuredOutputManager.lark_literal). When the output
+    starts inside a think section, `close_reasoning` (its end marker) comes first, so the call
+    is not read as reasoning."""
     functions = [t.get("function") for t in tools or () if isinstance(t, dict)]
     functions = [f for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)]
     if not functions:
@@ -121,7 +124,8 @@ def forced_tool_call(tools: list[dict[str, Any]] | None, name: str | None, tool_
               "properties": {"name": {"const": f["name"]},
                              arguments_key: _parameters(f.get("parameters"))}} for f in functions]
     schema = {"x-guidance": {"whitespace_flexible": False}, "anyOf": calls}
-    parts = [literal(tool_format.start), json.dumps(newline) if newline else "", "call"]
+    head = [literal(close_reasoning), json.dumps("\n\n")] if close_reasoning else []
+    parts = [*head, literal(tool_format.start), json.dumps(newline) if newline else "", "call"]
     if tool_format.end:
         parts += [json.dumps(newline) if newline else "", literal(tool_format.end)]
     lark = f"start: {' '.join(p for p in parts if p)}\ncall: %json {json.dumps(schema)}\n"

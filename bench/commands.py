@@ -103,7 +103,7 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=SMOLLM2_SHAPE,
                    help=f"model directory both servers load ({SMOLLM2_SHAPE}: random SmolLM2-shaped weights)")
     p.add_argument("--servers", nargs="+", default=None,
-                   help="shoal, shoal-no-prefix-caching, shoal-no-cascade, mlx_lm, vllm_mlx (default: shoal mlx_lm "
+                   help="shoal, shoal-no-prefix-caching, shoal-no-cascade, shoal-full-prefill, mlx_lm, vllm_mlx (default: shoal mlx_lm "
                         "[vllm_mlx if installed])")
     p.add_argument("--concurrency", type=positive, nargs="+", default=[1, 4, 8, 16, 32])
     p.add_argument("--repeats", type=positive, default=3)

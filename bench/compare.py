@@ -40,10 +40,12 @@ from shoal.bench.report import Grid, Summary, plot, render_markdown, summarize
 from shoal.bench.serve import ServeConfig, run_benchmark
 from shoal.bench.workloads import Session, TextSource, WorkloadConfig, build_sessions
 
-SERVER_KINDS: tuple[str, ...] = ("shoal", "shoal-no-prefix-caching", "shoal-no-cascade", "mlx_lm",
-                                 "vllm_mlx")
+SERVER_KINDS: tuple[str, ...] = ("shoal", "shoal-no-prefix-caching", "shoal-no-cascade",
+                                 "shoal-full-prefill", "mlx_lm", "vllm_mlx")
 SHOAL_VARIANTS = {"shoal": (), "shoal-no-prefix-caching": ("--no-prefix-caching",),
-                  "shoal-no-cascade": ("--attention-backend", "gather")}
+                  "shoal-no-cascade": ("--attention-backend", "gather"),
+                  # the scheduling before the prefill budget: prompts take the whole step budget
+                  "shoal-full-prefill": ("--prefill-budget-while-decoding", "2048")}
 SHOAL_MODEL_NAME = "bench"
 STOP_GRACE_S = 15.0
 # Counters read from /metrics before and after each measurement (vLLM names).

@@ -191,9 +191,9 @@ class AsyncEngine:
                     continue
                 sched = self.scheduler.schedule()
                 self._mark_scheduled(sched)
-                sched, result = await self._execute(sched)
-                self._publish(self.scheduler.update_from_output(sched, result))
-                self._push_stats(sched.num_batched_tokens)
+                ran, result = await self._execute(sched)  # `ran`: what succeeded of `sched`
+                self._publish(self.scheduler.update_from_output(ran, result))
+                self._push_stats(ran.num_batched_tokens)
                 if not sched.scheduled and self.scheduler.num_unfinished:
                     await self._wakeup.wait()  # nothing fits now: wait for an abort or a new request
         except asyncio.CancelledError:
@@ -217,7 +217,8 @@ class AsyncEngine:
             log.warning("a step of %d requests failed (%s: %s); running each alone",
                         len(sched.scheduled), type(exc).__name__, exc)
             return await self._execute_alone(sched)
-        self._failed_steps = 0
+        if sched.scheduled:  # only a step that ran the model proves the device works
+            self._failed_steps = 0
         return sched, result
 
     async def _execute_alone(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, ModelRunnerOutput]:
@@ -232,8 +233,14 @@ class AsyncEngine:
                 continue
             kept.append(row)
             results.append(result)
-        for request, (_, message) in zip(self.scheduler.fail_scheduled(r for r, _ in failed), failed):
+        for request, message in self.scheduler.fail_scheduled(failed):
             self._finish_stream(request, error=message)
+        # Rows that read blocks a failed row was writing (a same-step prefix hit) computed on
+        # garbage: drop their results and recompute them later.
+        tainted = self.scheduler.recompute_readers_of_failed(kept, [r for r, _ in failed])
+        if tainted:
+            results = [res for row, res in zip(kept, results) if row.request_id not in tainted]
+            kept = [row for row in kept if row.request_id not in tainted]
         if kept:
             self._failed_steps = 0
         else:
@@ -241,7 +248,8 @@ class AsyncEngine:
         merged = ModelRunnerOutput(
             tuple(r.sampled_token_ids[0] for r in results),
             tuple(r.logprobs[0] if r.logprobs else None for r in results)
-            if any(r.logprobs for r in results) else None)
+            if any(r.logprobs for r in results) else None,
+            tuple(e for r in results for e in r.errors))
         return SchedulerOutput(tuple(kept), sum(len(r.token_ids) for r in kept)), merged
 
     def _count_failed_step(self, message: str) -> None:
@@ -270,6 +278,9 @@ class AsyncEngine:
         for out in outputs:
             stream = self._streams.get(out.request.request_id)
             if stream is None:
+                continue
+            if not out.new_token_ids:  # ended without a token (its constraint failed)
+                self._finish_stream(out.request, error=out.request.error)
                 continue
             times = stream.times
             if times.first_token is None:

@@ -16,6 +16,7 @@ class EngineConfig:
     num_blocks: int | None = None  # overrides kv_cache_bytes (tests use tiny pools)
     max_num_seqs: int = 64  # most requests running at once
     max_num_batched_tokens: int = 2048  # token budget of one step
+    prefill_budget_while_decoding: int = 512  # prompt tokens per step while any request decodes
     max_model_len: int | None = None  # None = the model's own, capped by the pool
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # auto = float32 on CPU (only float32 uses BLAS), checkpoint's own on GPU
@@ -30,6 +31,7 @@ class EngineConfig:
             (self.num_blocks is None or self.num_blocks >= 2, "num_blocks must be >= 2"),
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
+            (self.prefill_budget_while_decoding >= 1, "prefill_budget_while_decoding must be >= 1"),
             (self.max_waiting_requests >= 0, "max_waiting_requests must be >= 0 (0: no bound)"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
             (self.dtype in ("auto", "float32", "float16", "bfloat16"), f"unknown dtype {self.dtype!r}"),

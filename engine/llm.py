@@ -22,7 +22,8 @@ def scheduler_config(config: EngineConfig, runner: ModelRunner) -> SchedulerConf
     return SchedulerConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=info.max_model_len, block_size=info.block_size, num_blocks=info.num_blocks,
-        enable_prefix_caching=config.enable_prefix_caching)
+        enable_prefix_caching=config.enable_prefix_caching,
+        prefill_budget_while_decoding=config.prefill_budget_while_decoding)
 
 
 def make_scheduler(config: EngineConfig, runner: ModelRunner) -> tuple[Scheduler, StructuredOutputManager]:

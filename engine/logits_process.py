@@ -66,12 +66,19 @@ def default_processors(request: Request) -> list[LogitsProcessor]:
     return [MinTokensProcessor((*eos, *params.stop_token_ids), params.min_tokens, request.num_output_tokens)]
 
 
-def step_bias(rows: Sequence[ScheduledRequest], vocab_size: int) -> np.ndarray | None:
-    """The (R, V) additive mask of the rows' processors, or None when no row has any."""
+def step_bias(rows: Sequence[ScheduledRequest], vocab_size: int) -> tuple[np.ndarray | None, dict[int, str]]:
+    """The (R, V) additive mask of the rows' processors (None when no row has any), and the
+    rows whose constraint failed ({row index: why}); those rows' masks are left open, and
+    their requests end with the error."""
+    errors: dict[int, str] = {}
     if not any(r.processors for r in rows):
-        return None
+        return None, errors
     bias = np.zeros((len(rows), vocab_size), dtype=np.float32)
     for i, row in enumerate(rows):
-        for processor in row.processors:
-            processor.fill(bias[i])
-    return bias
+        try:
+            for processor in row.processors:
+                processor.fill(bias[i])
+        except ConstraintError as exc:
+            errors[i] = str(exc)
+            bias[i] = 0.0
+    return bias, errors

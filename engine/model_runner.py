@@ -201,9 +201,11 @@ class ModelRunner:
         if len(sample_idx) < len(rows):  # decode steps sample every row: no copy then
             logits = logits[mx.array(sample_idx)]
         mx.async_eval(logits, pools)  # the forward runs while the processors fill their masks
-        out = self.sampler(logits, sample_rows, step_bias(sample_rows, self.info.vocab_size))
+        bias, errors = step_bias(sample_rows, self.info.vocab_size)
+        out = self.sampler(logits, sample_rows, bias)
         logprobs = None if out.logprobs is None else self._align(rows, sample_idx, out.logprobs)
-        return ModelRunnerOutput(self._align(rows, sample_idx, out.token_ids), logprobs)
+        return ModelRunnerOutput(self._align(rows, sample_idx, out.token_ids), logprobs,
+                                 tuple((sample_rows[i].request_id, why) for i, why in errors.items()))
 
     def _forward(self, rows: tuple[ScheduledRequest, ...]) -> mx.array:
         """Logits (R, V) at each row's last scheduled token, in row order."""

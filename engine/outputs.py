@@ -49,6 +49,7 @@ class TokenLogprobs:
 class ModelRunnerOutput:
     sampled_token_ids: tuple[int | None, ...]  # aligned with SchedulerOutput.scheduled
     logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    errors: tuple[tuple[str, str], ...] = ()  # (request id, why): a row's constraint failed
 
 
 @dataclass(frozen=True)

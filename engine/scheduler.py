@@ -28,10 +28,12 @@ class SchedulerConfig:
     block_size: int
     num_blocks: int  # including the null block
     enable_prefix_caching: bool = True
+    # Prompt tokens per step while any request decodes (max_num_batched_tokens when none does).
+    prefill_budget_while_decoding: int = 512
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.prefill_budget_while_decoding < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and prefill_budget_while_decoding must be >= 1")
         if (self.num_blocks - 1) * self.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV pool holds {(self.num_blocks - 1) * self.block_size} tokens, fewer than "
@@ -79,12 +81,23 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        # While some request decodes, prompt tokens (chunks, admissions, recompute) share a
+        # smaller budget, so a burst of arrivals cannot turn every decode step into a long
+        # prefill step: decodes keep flowing at a bounded inter-token latency.
+        decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        prefill_budget = min(budget, self.config.prefill_budget_while_decoding) if decoding else budget
         scheduled: list[ScheduledRequest] = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._num_new_tokens(request, budget)
+            prefilling = num_new > 1  # a prompt chunk or a recompute: the prefill budget applies
+            if prefilling:
+                num_new = min(num_new, prefill_budget)
+                if num_new == 0:
+                    i += 1
+                    continue
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -94,9 +107,11 @@ class Scheduler:
             else:
                 scheduled.append(self._scheduled(request, num_new))
                 budget -= num_new
+                if prefilling:
+                    prefill_budget -= num_new
                 i += 1
         if not preempted:
-            budget = self._admit_waiting(budget, scheduled)
+            self._admit_waiting(min(budget, prefill_budget), scheduled)
         return self._make_output(scheduled)
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
@@ -161,8 +176,15 @@ class Scheduler:
 
     def update_from_output(self, sched: SchedulerOutput,
                            result: ModelRunnerOutput) -> list[StepOutput]:
-        """Append sampled tokens, apply stop checks, free finished requests' blocks."""
+        """Append sampled tokens, apply stop checks, free finished requests' blocks. A row
+        whose constraint failed ends with its error (an output with no tokens)."""
         outputs = []
+        for request_id, why in result.errors:
+            request = self.requests.get(request_id)
+            if request is not None and not request.status.finished:
+                request.error = why
+                self._finish(request, RequestStatus.FINISHED_ERROR)
+                outputs.append(StepOutput(request, ()))
         for s, token, logprobs in zip(sched.scheduled, result.sampled_token_ids,
                                       result.logprobs or [None] * len(sched.scheduled)):
             request = self.requests.get(s.request_id)
@@ -213,20 +235,49 @@ class Scheduler:
             done.append(request)
         return done
 
-    def fail_scheduled(self, rows: Iterable[ScheduledRequest]) -> list[Request]:
-        """Finish with an error the requests whose share of a step raised. The blocks that
-        step was writing lose their hashes first, so no later prompt reuses what was never
-        computed."""
-        failed = []
-        for s in rows:
+    def fail_scheduled(self, failed: Iterable[tuple[ScheduledRequest, str]]) -> list[tuple[Request, str]]:
+        """Finish with an error the requests whose share of a step raised, with their message.
+        The blocks that step was writing lose their hashes first (even for a request aborted
+        meanwhile), so no later prompt reuses what was never computed."""
+        out = []
+        for s, message in failed:
+            self._uncache_written(s)
             request = self.requests.get(s.request_id)
             if request is None or request.status.finished:
                 continue
-            first = s.start_pos // self.config.block_size
-            self.pool.uncache(self.kv.req_blocks.get(s.request_id, [])[first:])
+            request.error = message
             self._finish(request, RequestStatus.FINISHED_ERROR)
-            failed.append(request)
-        return failed
+            out.append((request, message))
+        return out
+
+    def recompute_readers_of_failed(self, kept: list[ScheduledRequest],
+                                    failed: list[ScheduledRequest]) -> set[str]:
+        """Preempt (for recompute) every kept row whose table holds a block a failed row was
+        writing, transitively; returns their ids."""
+        bad = {b for s in failed for b in self._written_blocks(s)}
+        tainted: set[str] = set()
+        changed = bool(bad)
+        while changed:
+            changed = False
+            for s in kept:
+                if s.request_id not in tainted and bad.intersection(s.block_ids):
+                    tainted.add(s.request_id)
+                    bad.update(self._written_blocks(s))
+                    changed = True
+        for s in kept:
+            if s.request_id in tainted:
+                self._uncache_written(s)
+                request = self.requests.get(s.request_id)
+                if request is not None and request.status == RequestStatus.RUNNING:
+                    self.running.remove(request)
+                    self._preempt(request)
+        return tainted
+
+    def _written_blocks(self, s: ScheduledRequest) -> tuple[int, ...]:
+        return s.block_ids[s.start_pos // self.config.block_size:]
+
+    def _uncache_written(self, s: ScheduledRequest) -> None:
+        self.pool.uncache(self.pool.blocks[b] for b in self._written_blocks(s))
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.status == RequestStatus.RUNNING:

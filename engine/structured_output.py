@@ -66,7 +66,10 @@ class StructuredOutput:
         if "::=" in text:  # GBNF (llama.cpp, vLLM's xgrammar examples)
             from llguidance.gbnf_to_lark import gbnf_to_lark
 
-            text = gbnf_to_lark(text)
+            try:
+                text = gbnf_to_lark(text)
+            except Exception as exc:  # noqa: BLE001 - GbnfToLarkError is no ValueError
+                raise ValueError(f"not valid GBNF: {exc}") from None
         return Matcher.grammar_from_lark(text)
 
 

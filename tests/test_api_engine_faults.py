@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,7 @@ from shoal.api.server import ShoalServer, bind_socket
 from shoal.engine.async_engine import MAX_FAILED_STEPS, AsyncEngine
 from shoal.engine.config import EngineConfig
 from shoal.engine.model_runner import ModelRunner
+from shoal.engine.sampling_params import SamplingParams
 
 pytest_plugins = ["server_util"]
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "ignore_eos": True}
@@ -132,6 +134,37 @@ def test_a_failed_prefill_leaves_no_cached_blocks_behind(tiny_model_dir: Path):
         assert engine.scheduler.kv.num_cache_hits == 0  # computed afresh, not read from garbage
 
     asyncio.run(with_engine(tiny_model_dir, poison_runner, scenario))
+
+
+def test_a_follower_reading_a_failed_leaders_blocks_is_recomputed(tiny_model_dir: Path):
+    """Leader and follower arrive together with one 96-token prefix: the follower hits the
+    leader's blocks in the same step. The leader's step fails (its KV is never written), so
+    the follower must not keep what it read: it is recomputed and matches a solo run."""
+    async def scenario(client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+        prefix = list(range(3, 3 + 96))
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        solo = await tokens_of(engine.add_request(prefix + [200, 201], params))
+        engine.reset_prefix_cache()
+        # Added in one go: the same step admits both, the follower hitting the leader's blocks.
+        leader = engine.add_request(prefix + [150], replace(params, seed=POISON_SEED))
+        follower = engine.add_request(prefix + [200, 201], params)
+        bad, good = await asyncio.gather(collect(leader), tokens_of(follower))
+        assert bad[-1].error and "simulated bad request" in bad[-1].error
+        assert good == solo
+        assert engine.scheduler.stats.num_preemptions >= 1  # the follower was sent back to recompute
+        assert engine.scheduler.stats.num_cached_prompt_tokens >= 96  # it did hit the leader's blocks
+
+    asyncio.run(with_engine(tiny_model_dir, poison_runner, scenario))
+
+
+async def collect(stream) -> list:
+    return [output async for output in stream]
+
+
+async def tokens_of(stream) -> list[int]:
+    outputs = await collect(stream)
+    assert outputs[-1].error is None, outputs[-1].error
+    return [t for output in outputs for t in output.new_token_ids]
 
 
 def test_anthropic_stream_of_a_failing_request_ends_with_an_error_event(tiny_model_dir: Path):

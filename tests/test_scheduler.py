@@ -110,7 +110,7 @@ def test_min_tokens_bans_eos_and_stop_ids():
 
 def banned(out) -> set[int]:
     """The ids the step's logits processors mask for the first row."""
-    bias = step_bias(out.scheduled, 32)
+    bias, _ = step_bias(out.scheduled, 32)
     return set() if bias is None else set(np.flatnonzero(np.isinf(bias[0])).tolist())
 
 
@@ -152,3 +152,35 @@ def test_step_never_exceeds_limits_and_nothing_starves():
         assert steps < 500
     assert all(r.num_output_tokens == 6 for r in reqs)
     assert s.pool.num_free_blocks == 19
+
+
+def prompt_tokens(out) -> int:
+    return sum(max(0, min(r.start_pos + len(r.token_ids), r.num_prompt_tokens) - r.start_pos)
+               for r in out.scheduled)
+
+
+@pytest.mark.parametrize("prefill_budget", [256, 2048])
+def test_a_burst_of_arrivals_never_stalls_decoding_requests(prefill_budget):
+    """64 prompts of 256 tokens arrive while 8 requests decode: every step still gives each of
+    the 8 its token, and (the policy) carries at most `prefill_budget` prompt tokens, so a
+    decode step stays short. With the budget at the full step size the same burst fills the
+    first steps with ~2,000 prompt tokens each: the stall the policy removes."""
+    s = Scheduler(SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=2048, max_model_len=4096,
+                                  block_size=16, num_blocks=2000, enable_prefix_caching=False,
+                                  prefill_budget_while_decoding=prefill_budget))
+    decoders = [add(s, f"d{i}", 8, max_tokens=40) for i in range(8)]
+    step(s)  # their prompts: from now on they decode
+    burst = [add(s, f"b{i}", 256, max_tokens=4) for i in range(64)]
+    most = 0
+    while not all(d.status.finished for d in decoders):
+        live = {d.request_id for d in decoders if not d.status.finished}
+        out = step(s)
+        assert live <= {r.request_id for r in out.scheduled}  # no decoder skips a step
+        most = max(most, prompt_tokens(out))
+    if prefill_budget == 256:
+        assert most <= 256
+    else:
+        assert most > 1000
+    while s.has_work():
+        step(s)
+    assert all(r.num_output_tokens == 4 for r in burst) and all(d.num_output_tokens == 40 for d in decoders)

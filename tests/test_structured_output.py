@@ -124,3 +124,21 @@ def test_compiled_grammars_are_cached_and_bad_ones_refused(loaded):
     with pytest.raises(ValueError, match="regex"):
         llm.structured.compile(StructuredOutput("regex", "a(b"))
     assert not llm.scheduler.requests  # nothing was queued
+
+
+def test_a_forced_call_first_closes_an_open_think_section(loaded):
+    """When the prompt opened <think>, the forced call's grammar starts with </think>, so the
+    parser reads a call, not reasoning."""
+    from shoal.api.structured import forced_tool_call
+    from shoal.api.tool_formats import load_tool_format
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["x"], "additionalProperties": False}}}
+    spec = forced_tool_call([tool], None, load_tool_format("hermes"), "tool_choice", close_reasoning="</think>")
+    llm = make_llm(loaded)
+    (request,) = run(llm, [[5, 6, 7]], [SamplingParams(temperature=1.0, seed=1, max_tokens=100, structured_output=spec)])
+    text = loaded["llama"][1].decode(request.output_token_ids)
+    assert text.startswith("</think>\n\n<tool_call>\n") and text.endswith("\n</tool_call>"), text
+    call = json.loads(text.split("<tool_call>")[1].split("</tool_call>")[0])
+    assert call["name"] == "f" and 0 <= call["arguments"]["x"] <= 9

@@ -4,7 +4,11 @@ prefix hits and recompute after preemption. Pure Python: no MLX, no asyncio.
 Each step: running requests first (oldest first), each taking the tokens it has not
 computed yet; when blocks run out, the most recently admitted running request is
 preempted (blocks freed, recomputed later). Then, if nothing was preempted, waiting
-requests are admitted in FCFS order with what is left of the budget.
+requests are admitted in FCFS order with what is left of the budget. While any request
+decodes, prompt tokens (chunks, admissions, recompute) get at most
+`prefill_budget_while_decoding` of it, so decodes keep a bounded step time under a burst.
+A partial prompt chunk still exhausts what prompt budget there is, so a request that shares
+a prefix still being computed is admitted only in a later step, once those blocks exist.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_TOKEN = "<|im_end|>"
@@ -42,12 +42,14 @@ _MODULES: dict[str, str] = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "mistral": "llama",
+    "gemma3_text": "gemma3_text",
 }
 _ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 _PARAMS_FILE = "shoal_random_model.json"
@@ -161,6 +163,9 @@ def _model_config(family: str, params: dict[str, Any]) -> dict[str, Any]:
         config["attention_bias"] = True  # informational: mlx-lm's qwen2 always has q/k/v bias
     if family == "mistral":
         config["sliding_window"] = None
+    if family == "gemma3_text":  # every `sliding_window_pattern`-th layer global, the rest sliding
+        config.update(sliding_window=params["sliding_window"], sliding_window_pattern=params["sliding_window_pattern"],
+                      query_pre_attn_scalar=params["head_dim"], rope_local_base_freq=10000.0)
     return config
 
 
@@ -238,6 +243,8 @@ def make_random_model(
     max_position_embeddings: int = 4096,
     rope_theta: float = 10000.0,
     rms_norm_eps: float = 1e-5,
+    sliding_window: int = 24,
+    sliding_window_pattern: int = 2,
 ) -> Path:
     """Write a random-weight ``family`` model loadable by ``mlx_lm.load`` to ``out_dir``.
 
@@ -261,6 +268,8 @@ def make_random_model(
             "max_position_embeddings": max_position_embeddings,
             "rope_theta": rope_theta,
             "rms_norm_eps": rms_norm_eps,
+            **({"sliding_window": sliding_window, "sliding_window_pattern": sliding_window_pattern}
+               if family == "gemma3_text" else {}),
         },
     )
     if _is_cached(out, params):

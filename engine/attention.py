@@ -16,7 +16,7 @@ a block (tests); `gather` never.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -46,6 +46,19 @@ class StepContext:
     block_size: int
     backend: GatherAttention
     cascade: CascadeIndices | None = None
+    query_positions: np.ndarray | None = None  # (R, L) host copy, for window masks
+    host_mask: np.ndarray | None = None  # (R, 1, L, S) host copy of `mask`
+    _window_masks: dict = field(default_factory=dict)
+
+    def window_mask(self, window: int) -> mx.array:
+        """`mask` limited to the last `window` positions up to each query (it included),
+        mlx-lm's sliding-window semantics; built once per forward and window."""
+        out = self._window_masks.get(window)
+        if out is None:
+            keys = np.arange(self.host_mask.shape[-1])[None, None, None, :]
+            inside = keys > (self.query_positions - window)[:, None, :, None]
+            out = self._window_masks[window] = mx.array(self.host_mask & inside)
+        return out
 
 
 class GatherAttention:
@@ -54,6 +67,8 @@ class GatherAttention:
     name = "gather"
 
     def attend(self, ctx: StepContext, cache, queries, keys, values, scale, mask, fused):
+        if cache.window is not None:
+            mask = ctx.window_mask(cache.window)  # whatever mask the model passed this layer
         if mx.default_device() == mx.cpu:
             return attention(queries, keys, values, scale, mask)
         return fused(queries, keys, values, cache=None, scale=scale, mask=mask)
@@ -66,6 +81,8 @@ class CascadeAttention(GatherAttention):
     name = "cascade"
 
     def attend(self, ctx: StepContext, cache, queries, keys, values, scale, mask, fused):
+        if cache.window is not None:  # a window cuts into the shared prefix: the reference path
+            return GATHER.attend(ctx, cache, queries, keys, values, scale, mask, fused)
         return cascade_attention(queries, cache.k_pool, cache.v_pool, ctx.cascade, scale,
                                  cache.num_kv_heads, ctx.block_size)
 
@@ -112,4 +129,5 @@ class AttentionSelector:
             num_rows=len(starts), write_rows=mx.array(idx.write_rows),
             gather_blocks=mx.array(idx.gather_blocks), positions=mx.array(idx.positions),
             mask=mx.array(idx.mask), block_size=bs, backend=CASCADE if cascade else GATHER,
-            cascade=cascade)
+            cascade=cascade, query_positions=np.asarray(starts)[:, None] + np.arange(max(lengths))[None, :],
+            host_mask=idx.mask)

@@ -37,6 +37,7 @@ class KVLayout:
     head_dim: int
     dtype: mx.Dtype
     vocab_size: int  # logits width, which can differ from the tokenizer's size
+    windows: tuple[int | None, ...] = ()  # per layer: None = full attention, W = sliding window
 
     def bytes_per_block(self, block_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * block_size * self.dtype.size
@@ -79,12 +80,7 @@ class _ProbeCache:
 def probe_kv_layout(model) -> KVLayout:
     """Run one token through the model to learn its per-layer KV shape, whatever the
     architecture calls its heads."""
-    if hasattr(model, "make_cache"):
-        from mlx_lm.models.cache import KVCache
-
-        if not all(type(c) is KVCache for c in model.make_cache()):
-            raise ValueError(f"{type(model).__module__}: only models with a plain KV cache per "
-                             "layer are supported (no sliding-window, SSM or hybrid layers)")
+    windows = layer_windows(model)
     probes = [_ProbeCache() for _ in model.layers]
     logits = model(mx.array([[0]]), cache=probes)
     mx.eval(logits)
@@ -92,7 +88,32 @@ def probe_kv_layout(model) -> KVLayout:
     if len(shapes) != 1 or None in shapes:
         raise ValueError(f"layers disagree on KV shape: {shapes}")
     _, num_kv_heads, _, head_dim = probes[0].shape
-    return KVLayout(len(probes), num_kv_heads, head_dim, probes[0].dtype, logits.shape[-1])
+    return KVLayout(len(probes), num_kv_heads, head_dim, probes[0].dtype, logits.shape[-1],
+                    windows or (None,) * len(probes))
+
+
+def layer_windows(model) -> tuple[int | None, ...] | None:
+    """Each layer's attention window from the model's own `make_cache()`: None for a plain
+    KVCache (full attention), W for a RotatingKVCache(max_size=W) (sliding window: paged like
+    the others, the mask covers the last W tokens). Anything else is refused."""
+    if not hasattr(model, "make_cache"):
+        return None
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    caches = model.make_cache()
+    if len(caches) != len(model.layers):
+        raise ValueError(f"{type(model).__module__}: not every layer has a KV cache (SSM or hybrid layers "
+                         "are not supported yet)")
+    windows = []
+    for cache in caches:
+        if type(cache) is KVCache:
+            windows.append(None)
+        elif type(cache) is RotatingKVCache and cache.keep == 0:
+            windows.append(cache.max_size)
+        else:
+            raise ValueError(f"{type(model).__module__}: layer cache {type(cache).__name__} is not supported "
+                             "yet (only full attention and sliding windows)")
+    return tuple(windows)
 
 
 # Architectures whose forward is exactly `head(model.model(inputs, cache))`.
@@ -151,8 +172,8 @@ class ModelRunner:
         self.caches = [
             PagedKVCache(mx.zeros((layout.num_kv_heads * num_slots, layout.head_dim), layout.dtype),
                          mx.zeros((layout.num_kv_heads * num_slots, layout.head_dim), layout.dtype),
-                         layout.num_kv_heads)
-            for _ in range(layout.num_layers)
+                         layout.num_kv_heads, window)
+            for window in layout.windows
         ]
         mx.eval([c.state for c in self.caches])
         self.sampler = Sampler(info.vocab_size, seed)

@@ -18,10 +18,11 @@ from shoal.kernels.paged_attention import gather_kv, write_kv
 class PagedKVCache:
     """One layer's view of the pool. `ctx` is set by the runner before each forward."""
 
-    def __init__(self, k_pool: mx.array, v_pool: mx.array, num_kv_heads: int):
+    def __init__(self, k_pool: mx.array, v_pool: mx.array, num_kv_heads: int, window: int | None = None):
         self.k_pool = k_pool
         self.v_pool = v_pool
         self.num_kv_heads = num_kv_heads
+        self.window = window  # a sliding-window layer attends its last `window` tokens
         self.ctx: StepContext | None = None
 
     @property
@@ -30,9 +31,10 @@ class PagedKVCache:
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None,
                   **kwargs) -> mx.array:
-        if window_size is not None:
-            raise NotImplementedError("sliding-window attention is not supported by the paged cache")
-        return self.ctx.mask
+        # A model asks for its sliding-window mask on a sliding layer's cache (gemma3 takes
+        # it from cache[0]); each layer's own window applies when it attends (`layer_mask`).
+        window = window_size or self.window
+        return self.ctx.mask if window is None else self.ctx.window_mask(window)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write, then return the full gather. A backend that reads the pool itself leaves

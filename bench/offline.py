@@ -47,11 +47,12 @@ def run_shoal(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> di
 def load_bench_model(model_arg: str):
     from mlx_lm import load
 
-    if model_arg == "smollm2-shape":
-        from shoal.bench.random_model import make_random_model, smollm2_shape
+    if model_arg in ("smollm2-shape", "gemma3-shape"):
+        from shoal.bench.random_model import gemma3_shape, make_random_model, smollm2_shape
         from shoal.engine.default_model import default_cache_dir
 
-        path = make_random_model(default_cache_dir() / "bench-models" / "smollm2-shape", "llama", **smollm2_shape())
+        family, shape = ("llama", smollm2_shape()) if model_arg == "smollm2-shape" else ("gemma3_text", gemma3_shape())
+        path = make_random_model(default_cache_dir() / "bench-models" / model_arg, family, **shape)
     else:
         from shoal.engine.loader import resolve_model_path
 
@@ -64,7 +65,7 @@ def load_bench_model(model_arg: str):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-shape", help="smollm2-shape (random weights), default, or a model path")
+    parser.add_argument("--model", default="smollm2-shape", help="smollm2-shape or gemma3-shape (random weights), default, or a model path")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)

@@ -61,6 +61,25 @@ _EMBED_STD = 0.02
 _LINEAR_GAIN = 2.0
 
 
+def gemma3_shape() -> dict[str, Any]:
+    """Gemma 3 270M's layer shape (18 layers, 5 sliding of every 6), with SmolLM2's vocabulary
+    size instead of 262k (the LM head would dominate a CPU run) and a 128-token window, so the
+    benchmark's 256-token prompts run past it."""
+    return {
+        "hidden_size": 640,
+        "num_hidden_layers": 18,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "intermediate_size": 2048,
+        "vocab_size": 49152,
+        "head_dim": 256,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-6,
+        "sliding_window": 128,
+        "sliding_window_pattern": 6,
+    }
+
+
 def smollm2_shape() -> dict[str, Any]:
     """Return the SmolLM2-135M shape as keyword arguments for ``make_random_model``."""
     return {

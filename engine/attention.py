@@ -48,17 +48,51 @@ class StepContext:
     cascade: CascadeIndices | None = None
     query_positions: np.ndarray | None = None  # (R, L) host copy, for window masks
     host_mask: np.ndarray | None = None  # (R, 1, L, S) host copy of `mask`
-    _window_masks: dict = field(default_factory=dict)
+    tables: np.ndarray | None = None  # (R, B) block tables (host)
+    num_blocks: int = 0  # pool blocks, for gather indices
+    num_kv_heads: int = 0
+    _windows: dict = field(default_factory=dict)
 
     def window_mask(self, window: int) -> mx.array:
         """`mask` limited to the last `window` positions up to each query (it included),
-        mlx-lm's sliding-window semantics; built once per forward and window."""
-        out = self._window_masks.get(window)
-        if out is None:
+        mlx-lm's sliding-window semantics, over the full gather (a model that asks for a
+        window on a full-attention cache); built once per forward and window."""
+        key = ("mask", window)
+        if key not in self._windows:
             keys = np.arange(self.host_mask.shape[-1])[None, None, None, :]
             inside = keys > (self.query_positions - window)[:, None, :, None]
-            out = self._window_masks[window] = mx.array(self.host_mask & inside)
-        return out
+            self._windows[key] = mx.array(self.host_mask & inside)
+        return self._windows[key]
+
+    def window_view(self, window: int) -> WindowView:
+        """What a sliding-window layer reads: per row only the blocks that hold one of its
+        queries' last `window` positions, and the mask over them; built once per forward."""
+        view = self._windows.get(window)
+        if view is None:
+            view = self._windows[window] = window_view(self, window)
+        return view
+
+
+@dataclass(frozen=True)
+class WindowView:
+    gather_blocks: mx.array  # (R * Hkv * Bw,) like StepContext.gather_blocks, fewer blocks
+    mask: mx.array  # (R, 1, L, Bw * block_size)
+
+
+def window_view(ctx: StepContext, window: int) -> WindowView:
+    bs, q, tables = ctx.block_size, ctx.query_positions, ctx.tables
+    rows, num_table = tables.shape
+    first = np.maximum(0, (q[:, 0] - window + 1) // bs)  # first block any query of the row sees
+    width = int((num_table - first).max())
+    idx = first[:, None] + np.arange(width)[None, :]  # (R, Bw) block index within each table
+    inside = idx < num_table
+    blocks = np.where(inside, tables[np.arange(rows)[:, None], np.minimum(idx, num_table - 1)], 0)
+    pos = (idx[:, :, None] * bs + np.arange(bs)[None, None, :]).reshape(rows, -1)  # (R, Bw * bs)
+    qq = q[:, None, :, None]
+    mask = (pos[:, None, None, :] <= qq) & (pos[:, None, None, :] > qq - window)
+    heads = np.arange(ctx.num_kv_heads)[None, :, None]
+    gather = (heads * ctx.num_blocks + blocks[:, None, :]).reshape(-1).astype(np.int32)
+    return WindowView(mx.array(gather), mx.array(mask))
 
 
 class GatherAttention:
@@ -68,7 +102,7 @@ class GatherAttention:
 
     def attend(self, ctx: StepContext, cache, queries, keys, values, scale, mask, fused):
         if cache.window is not None:
-            mask = ctx.window_mask(cache.window)  # whatever mask the model passed this layer
+            mask = ctx.window_view(cache.window).mask  # whatever mask the model passed this layer
         if mx.default_device() == mx.cpu:
             return attention(queries, keys, values, scale, mask)
         return fused(queries, keys, values, cache=None, scale=scale, mask=mask)
@@ -130,4 +164,5 @@ class AttentionSelector:
             gather_blocks=mx.array(idx.gather_blocks), positions=mx.array(idx.positions),
             mask=mx.array(idx.mask), block_size=bs, backend=CASCADE if cascade else GATHER,
             cascade=cascade, query_positions=np.asarray(starts)[:, None] + np.arange(max(lengths))[None, :],
-            host_mask=idx.mask)
+            host_mask=idx.mask, tables=idx.tables, num_blocks=self.num_slots // bs,
+            num_kv_heads=self.num_kv_heads)

@@ -33,8 +33,9 @@ class PagedKVCache:
                   **kwargs) -> mx.array:
         # A model asks for its sliding-window mask on a sliding layer's cache (gemma3 takes
         # it from cache[0]); each layer's own window applies when it attends (`layer_mask`).
-        window = window_size or self.window
-        return self.ctx.mask if window is None else self.ctx.window_mask(window)
+        if self.window is not None and window_size in (None, self.window):
+            return self.ctx.window_view(self.window).mask  # matches what update_and_fetch returns
+        return self.ctx.mask if window_size is None else self.ctx.window_mask(window_size)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write, then return the full gather. A backend that reads the pool itself leaves
@@ -42,8 +43,10 @@ class PagedKVCache:
         ctx = self.ctx
         write_kv(self.k_pool, keys, ctx.write_rows)
         write_kv(self.v_pool, values, ctx.write_rows)
-        return (gather_kv(self.k_pool, ctx.gather_blocks, ctx.num_rows, self.num_kv_heads, ctx.block_size),
-                gather_kv(self.v_pool, ctx.gather_blocks, ctx.num_rows, self.num_kv_heads, ctx.block_size))
+        # A sliding-window layer gathers only the blocks its window reaches.
+        blocks = ctx.gather_blocks if self.window is None else ctx.window_view(self.window).gather_blocks
+        return (gather_kv(self.k_pool, blocks, ctx.num_rows, self.num_kv_heads, ctx.block_size),
+                gather_kv(self.v_pool, blocks, ctx.num_rows, self.num_kv_heads, ctx.block_size))
 
     @property
     def state(self) -> tuple[mx.array, mx.array]:

@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gpt_oss")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_TOKEN = "<|im_end|>"
@@ -43,6 +43,7 @@ _MODULES: dict[str, str] = {
     "qwen3": "qwen3",
     "mistral": "llama",
     "gemma3_text": "gemma3_text",
+    "gpt_oss": "gpt_oss",
 }
 _ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
@@ -50,6 +51,7 @@ _ARCHITECTURES: dict[str, str] = {
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 
 _PARAMS_FILE = "shoal_random_model.json"
@@ -185,6 +187,9 @@ def _model_config(family: str, params: dict[str, Any]) -> dict[str, Any]:
     if family == "gemma3_text":  # every `sliding_window_pattern`-th layer global, the rest sliding
         config.update(sliding_window=params["sliding_window"], sliding_window_pattern=params["sliding_window_pattern"],
                       query_pre_attn_scalar=params["head_dim"], rope_local_base_freq=10000.0)
+    if family == "gpt_oss":  # sliding / full layers alternating, attention sinks, 4 experts, top-2
+        config.update(sliding_window=params["sliding_window"], num_local_experts=4, num_experts_per_tok=2,
+                      layer_types=["sliding_attention", "full_attention"] * (params["num_hidden_layers"] // 2))
     return config
 
 
@@ -288,7 +293,7 @@ def make_random_model(
             "rope_theta": rope_theta,
             "rms_norm_eps": rms_norm_eps,
             **({"sliding_window": sliding_window, "sliding_window_pattern": sliding_window_pattern}
-               if family == "gemma3_text" else {}),
+               if family == "gemma3_text" else {"sliding_window": sliding_window} if family == "gpt_oss" else {}),
         },
     )
     if _is_cached(out, params):

@@ -1,8 +1,9 @@
-"""Sliding-window layers (gemma3_text: every second layer attends only its last W tokens)
-in the paged engine: greedy outputs equal mlx-lm's own generate (RotatingKVCache) token for
-token, with prompts longer than the window, staggered arrivals, chunked prefill, forced
-preemption, prefix hits and cascade forced on; every block free afterwards. W = 20 is not a
-multiple of the block size."""
+"""Sliding-window layers in the paged engine, on tiny random models of gemma3_text (every
+second layer attends only its last W tokens) and gpt_oss (sliding and full layers, attention
+sinks, a mixture of experts): greedy outputs equal mlx-lm's own generate (RotatingKVCache)
+token for token, with prompts longer than the window, staggered arrivals, chunked prefill,
+forced preemption, prefix hits and cascade forced on; every block free afterwards. W = 20 is
+not a multiple of the block size."""
 
 from __future__ import annotations
 
@@ -20,16 +21,21 @@ from test_batch_invariance import run_staggered
 WINDOW = 20
 
 
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["gemma3_text", "gpt_oss"])
+def gemma(request, tmp_path_factory: pytest.TempPathFactory):
     from mlx_lm import load
 
     from shoal.bench.random_model import make_random_model
 
-    path = make_random_model(Path(tmp_path_factory.mktemp("models")) / "gemma3", "gemma3_text",
-                             hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=1, head_dim=32, intermediate_size=128,
-                             sliding_window=WINDOW, sliding_window_pattern=2)
+    root = Path(tmp_path_factory.mktemp("models"))
+    if request.param == "gemma3_text":
+        path = make_random_model(root / "gemma3", "gemma3_text", hidden_size=64, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                 intermediate_size=128, sliding_window=WINDOW, sliding_window_pattern=2)
+    else:
+        path = make_random_model(root / "gpt-oss", "gpt_oss", hidden_size=64, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 intermediate_size=64, sliding_window=WINDOW)
     return load(str(path))
 
 

@@ -25,15 +25,12 @@ def run_staggered(llm: LLM, prompts, max_tokens, arrive_every: int = 3):
     return [r.output_token_ids for r in requests]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("num_blocks,budget", [(None, 512), (48, 96)], ids=["roomy", "preempting"])
-def test_staggered_batch_matches_mlx_lm_generate(loaded, family, num_blocks, budget):
-    model, tokenizer = loaded[family]
-    prompts = random_prompts(16, 1, 300, vocab=model.args.vocab_size - 3, seed=1)
-    max_tokens = [1 + (7 * i) % 40 for i in range(16)]
+def assert_staggered_matches(model, tokenizer, prompts, max_tokens, num_blocks, budget, max_model_len) -> None:
+    """16 staggered requests through the engine give mlx-lm's own greedy tokens; a small pool
+    (`num_blocks`) must have forced preemption; every block is free afterwards."""
     expected = [reference_greedy(model, p, n, tokenizer.eos_token_ids) for p, n in zip(prompts, max_tokens)]
     config = EngineConfig(num_blocks=num_blocks, max_num_batched_tokens=budget, block_size=16,
-                          max_model_len=512, enable_prefix_caching=False)
+                          max_model_len=max_model_len, enable_prefix_caching=False)
     llm = LLM(config, ModelRunner.from_model(model, tokenizer, config))
     outputs = run_staggered(llm, prompts, max_tokens)
     for i, (got, want) in enumerate(zip(outputs, expected)):
@@ -41,6 +38,15 @@ def test_staggered_batch_matches_mlx_lm_generate(loaded, family, num_blocks, bud
     if num_blocks is not None:
         assert llm.scheduler.stats.num_preemptions > 0, "the small pool should force preemption"
     assert llm.scheduler.pool.num_free_blocks == llm.scheduler.pool.num_blocks - 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("num_blocks,budget", [(None, 512), (48, 96)], ids=["roomy", "preempting"])
+def test_staggered_batch_matches_mlx_lm_generate(loaded, family, num_blocks, budget):
+    model, tokenizer = loaded[family]
+    prompts = random_prompts(16, 1, 300, vocab=model.args.vocab_size - 3, seed=1)
+    max_tokens = [1 + (7 * i) % 40 for i in range(16)]
+    assert_staggered_matches(model, tokenizer, prompts, max_tokens, num_blocks, budget, 512)
 
 
 def test_all_at_once_with_chunked_prefill(loaded):

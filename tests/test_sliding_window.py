@@ -16,7 +16,7 @@ from shoal.engine.llm import LLM
 from shoal.engine.model_runner import ModelRunner, layer_windows
 
 from conftest import random_prompts, reference_greedy
-from test_batch_invariance import run_staggered
+from test_batch_invariance import assert_staggered_matches
 
 WINDOW = 20
 
@@ -50,17 +50,7 @@ def test_staggered_batch_matches_mlx_lm_generate(gemma, num_blocks, budget):
     prompts = random_prompts(16, 1, 90, vocab=256, seed=5)
     max_tokens = [1 + (7 * i) % 30 for i in range(16)]
     assert sum(len(p) > WINDOW for p in prompts) >= 10
-    expected = [reference_greedy(model, p, n, tokenizer.eos_token_ids) for p, n in zip(prompts, max_tokens)]
-    config = EngineConfig(num_blocks=num_blocks, max_num_batched_tokens=budget, block_size=16,
-                          max_model_len=256, enable_prefix_caching=False)
-    llm = LLM(config, ModelRunner.from_model(model, tokenizer, config))
-    outputs = run_staggered(llm, prompts, max_tokens)
-    for i, (got, want) in enumerate(zip(outputs, expected)):
-        assert got == want, f"request {i} (prompt {len(prompts[i])} tokens) diverged"
-    if num_blocks is not None:
-        assert llm.scheduler.stats.num_preemptions > 0
-    assert llm.scheduler.pool.num_free_blocks == llm.scheduler.pool.num_blocks - 1
-
+    assert_staggered_matches(model, tokenizer, prompts, max_tokens, num_blocks, budget, 256)
 
 def test_shared_prefix_longer_than_the_window_with_cascade_forced(gemma):
     """Rows sharing a 64-token prefix: prefix hits, and cascade on the global layers (the

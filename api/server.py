@@ -95,6 +95,10 @@ class ShoalServer(uvicorn.Server):
             server.close()
         for sock in sockets or []:
             sock.close()
+        # Idle keep-alive connections close now and busy ones after their response, so no new
+        # request reaches a draining replica (a gateway sends it to another one).
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
         engine = self._engine()
         if engine is not None and engine.is_alive and not self.force_exit:
             await engine.drain(self.drain_timeout)

@@ -56,7 +56,10 @@ def start(fn: Callable[[], T], prompt_param: str) -> T:
     try:
         return fn()
     except EngineDeadError as exc:
-        raise engine_unavailable(str(exc)) from None
+        error = engine_unavailable(str(exc))
+        if "shutting down" in str(exc):  # draining: this connection should not be reused
+            error.headers = {"connection": "close"}
+        raise error from None
     except EngineOverloadedError as exc:
         raise overloaded(str(exc)) from None
     except ValueError as exc:

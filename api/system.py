@@ -20,8 +20,11 @@ protected_router = APIRouter(dependencies=[Depends(require_api_key)])
 @open_router.get("/health")
 async def health(request: Request) -> Response:
     """200 while the engine's step loop runs; 503 once it has died."""
-    if not server_state(request).engine.is_alive:
+    engine = server_state(request).engine
+    if not engine.is_alive:
         return error_response(503, "The engine is not running.")
+    if engine.draining:
+        return error_response(503, "The server is shutting down.", headers={"connection": "close"})
     return Response(status_code=200)
 
 

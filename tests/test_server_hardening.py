@@ -214,6 +214,36 @@ def drain_run(tiny_model_dir: Path, log_path: Path, drain_timeout: str, max_toke
     return frames, code, results
 
 
+def test_a_draining_replica_takes_no_new_work(tiny_model_dir: Path, tmp_path: Path):
+    """SIGTERM with streams in flight: an idle keep-alive connection is closed at once and new
+    connections are refused (a gateway routes elsewhere), while the streams still finish."""
+    server = start_server([*tiny_args(tiny_model_dir), "--drain-timeout", "60", "--keep-alive-timeout", "60"],
+                          tmp_path / "d.log")
+
+    async def scenario() -> list[list[str]]:
+        idle = connect(server)
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200")  # now an idle keep-alive connection
+        tasks, frames = await open_streams(server, 4, 900)
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        assert read_until_closed(idle, timeout=1) == b""  # closed by the drain (keep-alive is 60 s)
+        assert not all(t.done() for t in tasks)  # ... while the streams are still running
+        with pytest.raises(httpx.TransportError):
+            httpx.get(server.url("/health"), timeout=2)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+        return frames
+
+    try:
+        frames = asyncio.run(scenario())
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    for stream in frames:
+        assert stream[-1] == "[DONE]" and orjson.loads(stream[-2])["choices"][0]["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_drain_lets_streams_in_flight_finish(tiny_model_dir: Path, tmp_path: Path, sig):
     frames, code, results = drain_run(tiny_model_dir, tmp_path / "drain.log", "60", 150, sig)

@@ -26,7 +26,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from shoal.api.anthropic_protocol import (MessagesRequest, chat_prompt, forced_call, parse_tools,
+from shoal.api.anthropic_protocol import (MessagesRequest, chat_prompt, forced_tool, parse_tools,
                                           prompt_too_long, sampling_params)
 from shoal.api.auth import require_api_key
 from shoal.api.body import parse_body
@@ -53,10 +53,9 @@ async def messages(request: Request) -> Response:
     model = _check(server, req)
     conversation = chat_prompt(req)
     prompt = await server.chat.render(conversation)
-    chat = server.chat
-    close = chat.reasoning.end if chat.opens_in_reasoning(prompt) else None
-    structured = await compiled(server.engine, forced_call(req, conversation.tools, chat.tool_format,
-                                                           server.engine.structured.lark_literal, close))
+    forced, name = forced_tool(req)
+    structured = await compiled(server.engine, server.chat.forced_call(conversation.tools, name, prompt)
+                                if forced else None)
     params = sampling_params(req, len(prompt), server.engine.info.max_model_len,
                              server.sampling_defaults, structured)
     request_id = new_request_id(request.state.request_id)

@@ -17,8 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from shoal.api.chat import ChatPrompt
 from shoal.api.errors import APIError, bad_request
 from shoal.api.protocol import INT32_MAX
-from shoal.api.structured import forced_tool_call
-from shoal.api.tool_formats import ToolFormat
 from shoal.api.sampling import SamplingDefaults, given
 from shoal.engine.sampling_params import SamplingParams, SamplingParamsError
 from shoal.engine.structured_output import StructuredOutput
@@ -194,17 +192,16 @@ def parse_tools(req: MessagesRequest) -> bool:
     return kind != "none"
 
 
-def forced_call(req: MessagesRequest, tools: list[dict[str, Any]] | None, tool_format: ToolFormat | None,
-                literal, close_reasoning: str | None) -> tuple[StructuredOutput, str] | None:
-    """`tool_choice` `any` (some tool) or `tool` (the named one) as a grammar."""
+def forced_tool(req: MessagesRequest) -> tuple[bool, str | None]:
+    """Whether `tool_choice` forces a call: `any` (some tool, name None) or `tool` (that one)."""
     choice = req.tool_choice or {}
     kind = choice.get("type", "auto")
     if kind not in ("any", "tool"):
-        return None
+        return False, None
     name = choice.get("name") if kind == "tool" else None
     if kind == "tool" and not isinstance(name, str):
         raise bad_request("tool_choice of type 'tool' needs a `name`.", "tool_choice")
-    return forced_tool_call(tools, name, tool_format, "tool_choice", literal, close_reasoning), "tool_choice"
+    return True, name
 
 
 def prompt_too_long(num_prompt: int, max_model_len: int) -> APIError:

@@ -21,11 +21,13 @@ from typing import Any
 from shoal.api.choices import ChoiceStreams
 from shoal.api.errors import bad_request
 from shoal.api.output_parser import OutputParser, Segment, SegmentKind, ToolCall
+from shoal.api.structured import forced_tool_call
 from shoal.api.tool_formats import ReasoningFormat, ToolFormat, starts_in_reasoning
 from shoal.engine.async_engine import AsyncEngine
 from shoal.engine.outputs import RequestOutput, TokenLogprobs
 from shoal.engine.request import FinishReason
 from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.structured_output import StructuredOutput
 
 log = logging.getLogger("shoal")
 SYSTEM_REMINDER = "<system-reminder>\n{}\n</system-reminder>"
@@ -197,6 +199,14 @@ class ChatService:
     def opens_in_reasoning(self, prompt_ids: list[int]) -> bool:
         """True when the output begins inside a think section (the prompt opened it)."""
         return self.reasoning is not None and starts_in_reasoning(self.tokenizer, prompt_ids)
+
+    def forced_call(self, tools: list[dict] | None, name: str | None,
+                    prompt_ids: list[int]) -> tuple[StructuredOutput, str]:
+        """The grammar (and the field to blame) for exactly one call to tool `name` (None: any
+        of `tools`) in this model's tool-call format, closing a think section the prompt opened."""
+        close = self.reasoning.end if self.opens_in_reasoning(prompt_ids) else None
+        return forced_tool_call(tools, name, self.tool_format, "tool_choice",
+                                self.engine.structured.lark_literal, close), "tool_choice"
 
     def start(self, prompt_ids: list[int], params: Sequence[SamplingParams], request_id: str,
               cache_salt: str | None, tools: list[dict] | None, parse_tools: bool = True) -> ChatRun:

@@ -21,7 +21,7 @@ from shoal.api.body import parse_body
 from shoal.api.chat import ChatPrompt, ChatService
 from shoal.api.choices import ChoiceStreams
 from shoal.api.errors import bad_request
-from shoal.api.structured import compiled, forced_tool_call, requested_output
+from shoal.api.structured import compiled, requested_output
 from shoal.engine.structured_output import StructuredOutput
 from shoal.api.prompts import completion_prompts
 from shoal.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
@@ -43,7 +43,7 @@ async def chat_completions(request: Request) -> Response:
     _check_chat_options(req)
     engine = server.engine
     prompt = await server.chat.render(chat_prompt(req))
-    structured = await compiled(engine, chat_output(req, server.chat, prompt, engine.structured.lark_literal))
+    structured = await compiled(engine, chat_output(req, server.chat, prompt))
     logprobs = chat_logprobs(req)
     max_tokens = resolve_max_tokens(req.requested_max_tokens, len(prompt), engine.info.max_model_len)
     params = sampling_params(req, max_tokens, logprobs, engine.info.vocab_size, server.sampling_defaults,
@@ -137,8 +137,8 @@ def _check_common(server: ServerState, req: SamplingRequest) -> str:
     return model
 
 
-def chat_output(req: ChatCompletionRequest, chat: ChatService, prompt: list[int],
-                literal) -> tuple[StructuredOutput, str] | None:
+def chat_output(req: ChatCompletionRequest, chat: ChatService,
+                prompt: list[int]) -> tuple[StructuredOutput, str] | None:
     """The grammar a chat request asks for: response_format / vLLM's fields, or a forced call."""
     found = requested_output(req, req.response_format)
     choice = req.tool_choice
@@ -154,8 +154,7 @@ def chat_output(req: ChatCompletionRequest, chat: ChatService, prompt: list[int]
                           '{"type": "function", "function": {"name": ...}}.', "tool_choice")
     if found is not None:
         raise bad_request(f"A forced tool call cannot be combined with `{found[1]}`.", "tool_choice")
-    close = chat.reasoning.end if chat.opens_in_reasoning(prompt) else None
-    return forced_tool_call(req.tools, name, chat.tool_format, "tool_choice", literal, close), "tool_choice"
+    return chat.forced_call(req.tools, name, prompt)
 
 
 def _check_chat_options(req: ChatCompletionRequest) -> None:

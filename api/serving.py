@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from shoal.api.errors import APIError, bad_request
 from shoal.api.sse import EventStreamResponse
-from shoal.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from shoal.engine.async_engine import AsyncEngine, EngineDeadError, EngineDrainingError, EngineOverloadedError
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's status for "client closed request"; never reaches the client
@@ -55,11 +55,10 @@ def start(fn: Callable[[], T], prompt_param: str) -> T:
     """Queue engine requests with `fn`, turning the engine's refusals into API errors."""
     try:
         return fn()
+    except EngineDrainingError as exc:  # this connection should not be reused
+        raise APIError(503, f"{exc}.", headers={"connection": "close"}) from None
     except EngineDeadError as exc:
-        error = engine_unavailable(str(exc))
-        if "shutting down" in str(exc):  # draining: this connection should not be reused
-            error.headers = {"connection": "close"}
-        raise error from None
+        raise engine_unavailable(str(exc)) from None
     except EngineOverloadedError as exc:
         raise overloaded(str(exc)) from None
     except ValueError as exc:

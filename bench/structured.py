@@ -95,18 +95,17 @@ def main(argv: list[str] | None = None) -> None:
     ttft_new = statistics.median(first_token_ms(s) for s in new_schemas)
     ttft_cached = statistics.median(first_token_ms(new_schemas[0]) for _ in range(args.rounds))
     ttft_plain = statistics.median(first_token_ms(None) for _ in range(args.rounds))
-    # The fill alone: B live matchers inside the schema's `content` string, one mask each.
-    import numpy as np
+    # The fill alone (what the runner calls each step): B live matchers inside the schema's
+    # `content` string, one mask each.
+    from types import SimpleNamespace
 
-    from shoal.engine.structured_output import GrammarProcessor  # noqa: F401 (what fill() runs)
+    from shoal.engine.logits_process import step_bias
 
     head = tokenizer.encode('{"name":"write_file","arguments":{"path":"README.md","content":"# A project')
-    processors = [llm.structured.processor(spec, head) for _ in range(args.batch)]
-    bias = np.zeros((args.batch, llm.structured.vocab_size), dtype=np.float32)
+    rows = [SimpleNamespace(processors=(llm.structured.processor(spec, head),)) for _ in range(args.batch)]
     start = time.perf_counter()
     for _ in range(20):
-        for i, processor in enumerate(processors):
-            processor.fill(bias[i])
+        step_bias(rows, llm.structured.vocab_size)
     fill_ms = (time.perf_counter() - start) * 1000 / 20
     result = {"blas": blas, "model": path, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
               "step_ms": {str(c): round(step[c], 2) for c in configs},

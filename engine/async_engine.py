@@ -38,6 +38,10 @@ class EngineDeadError(RuntimeError):
     """The step loop died (or the server is draining); the engine takes no more requests."""
 
 
+class EngineDrainingError(EngineDeadError):
+    """The server is shutting down: requests in flight finish, new ones go elsewhere."""
+
+
 class EngineOverloadedError(RuntimeError):
     """Too many requests are already waiting; try again later."""
 
@@ -137,7 +141,7 @@ class AsyncEngine:
         if not self.is_alive:
             raise EngineDeadError("the engine is not running") from self.dead_error
         if self.draining:
-            raise EngineDeadError("the server is shutting down")
+            raise EngineDrainingError("the server is shutting down")
         limit = self.config.max_waiting_requests
         if limit and len(self.scheduler.waiting) >= limit:
             raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are already waiting "

@@ -32,7 +32,7 @@ class PagedKVCache:
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None,
                   **kwargs) -> mx.array:
         # A model asks for its sliding-window mask on a sliding layer's cache (gemma3 takes
-        # it from cache[0]); each layer's own window applies when it attends (`layer_mask`).
+        # it from cache[0]); the backend applies each layer's own window when it attends.
         if self.window is not None and window_size in (None, self.window):
             return self.ctx.window_view(self.window).mask  # matches what update_and_fetch returns
         return self.ctx.mask if window_size is None else self.ctx.window_mask(window_size)

@@ -118,7 +118,7 @@ class Scheduler:
             self._admit_waiting(min(budget, prefill_budget), scheduled)
         return self._make_output(scheduled)
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             hits = self.kv.get_computed_blocks(request)
@@ -137,7 +137,6 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
-        return budget
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         return min(request.num_tokens - request.num_computed_tokens, budget)

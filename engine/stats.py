@@ -128,7 +128,6 @@ class LoggingStatLogger:
         self.engine_index = engine_index
         self._clock = clock
         self._reset(clock())
-        self._last_line: str | None = None
 
     def _reset(self, now: float) -> None:
         self._since = now
@@ -146,8 +145,7 @@ class LoggingStatLogger:
             return
         active = self._prompt or self._generation or scheduler.num_running or scheduler.num_waiting
         if active:
-            self._last_line = self.line(scheduler, elapsed)
-            log.info("%s", self._last_line)
+            log.info("%s", self.line(scheduler, elapsed))
         self._reset(now)
 
     def line(self, scheduler: SchedulerStats, elapsed: float) -> str:

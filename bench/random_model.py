@@ -25,7 +25,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gpt_oss")
+FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gpt_oss", "qwen3_moe",
+                             "qwen3_5", "lfm2", "nemotron_h")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_TOKEN = "<|im_end|>"
@@ -44,6 +45,10 @@ _MODULES: dict[str, str] = {
     "mistral": "llama",
     "gemma3_text": "gemma3_text",
     "gpt_oss": "gpt_oss",
+    "qwen3_moe": "qwen3_moe",
+    "qwen3_5": "qwen3_5",
+    "lfm2": "lfm2",
+    "nemotron_h": "nemotron_h",
 }
 _ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
@@ -52,11 +57,15 @@ _ARCHITECTURES: dict[str, str] = {
     "mistral": "MistralForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3_5": "Qwen3_5ForCausalLM",
+    "lfm2": "Lfm2ForCausalLM",
+    "nemotron_h": "NemotronHForCausalLM",
 }
 
 _PARAMS_FILE = "shoal_random_model.json"
 # Bump when the written files change so stale caches are rebuilt.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 # Embedding std: small, as in real checkpoints, so tied logits stay moderate.
 _EMBED_STD = 0.02
 # Linear std is _LINEAR_GAIN / sqrt(fan_in); see _random_weights for why 2.
@@ -190,6 +199,26 @@ def _model_config(family: str, params: dict[str, Any]) -> dict[str, Any]:
     if family == "gpt_oss":  # sliding / full layers alternating, attention sinks, 4 experts, top-2
         config.update(sliding_window=params["sliding_window"], num_local_experts=4, num_experts_per_tok=2,
                       layer_types=["sliding_attention", "full_attention"] * (params["num_hidden_layers"] // 2))
+    if family == "qwen3_moe":  # every layer a mixture of 4 experts, top-2
+        config.update(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                      moe_intermediate_size=params["intermediate_size"], norm_topk_prob=True)
+    if family == "qwen3_5":  # Gated DeltaNet layers, every 4th layer full attention
+        config.update(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32,
+                      linear_value_head_dim=32, linear_conv_kernel_dim=4, full_attention_interval=4,
+                      rope_parameters={"type": "default", "rope_theta": params["rope_theta"],
+                                       "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1]})
+    if family == "lfm2":  # short-convolution layers, every 3rd layer (from the 2nd) attention
+        config.update(norm_eps=params["rms_norm_eps"], conv_bias=False, conv_L_cache=3,
+                      block_dim=params["hidden_size"], block_multiple_of=16, block_ffn_dim_multiplier=1.0,
+                      block_auto_adjust_ff_dim=False, block_ff_dim=params["intermediate_size"],
+                      layer_types=["full_attention" if i % 3 == 1 else "conv"
+                                   for i in range(params["num_hidden_layers"])])
+    if family == "nemotron_h":  # Mamba-2, attention (no RoPE) and MLP blocks; only the first two cache
+        pattern = ("M", "*", "-", "M")
+        config.update(attention_bias=False, mamba_num_heads=4, mamba_head_dim=16, mamba_proj_bias=False,
+                      ssm_state_size=16, conv_kernel=4, n_groups=1, mlp_bias=False,
+                      layer_norm_epsilon=params["rms_norm_eps"], use_bias=False, use_conv_bias=True,
+                      hybrid_override_pattern=[pattern[i % 4] for i in range(params["num_hidden_layers"])])
     return config
 
 

@@ -1,4 +1,5 @@
-"""Block tables per request on top of the BlockPool: prefix lookup, allocate, free.
+"""Block tables per request on top of the BlockPool: prefix lookup, allocate, free; and,
+for models with recurrent layers, each request's state slot.
 
 Token accounting for one request (block_size 4):
 
@@ -20,10 +21,42 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class StateSlots:
+    """A fixed pool of recurrent-state slots (the arrays live in the model runner): one per
+    running request, taken at admission, given back on finish, abort and preemption."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))
+        self.req_slot: dict[str, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def slot(self, request_id: str) -> int:
+        return self.req_slot.get(request_id, -1)
+
+    def take(self, request_id: str) -> bool:
+        """A slot for the request if it has none; False when none is free."""
+        if request_id in self.req_slot:
+            return True
+        if not self._free:
+            return False
+        self.req_slot[request_id] = self._free.pop()
+        return True
+
+    def give_back(self, request_id: str) -> None:
+        slot = self.req_slot.pop(request_id, None)
+        if slot is not None:
+            self._free.append(slot)
+
+
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int):
+    def __init__(self, pool: BlockPool, block_size: int, num_state_slots: int = 0):
         self.pool = pool
         self.block_size = block_size
+        self.states = StateSlots(num_state_slots) if num_state_slots else None
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_keys: dict[str, list[Hashable]] = {}
         self.req_num_cached: dict[str, int] = {}  # leading blocks already offered to the cache
@@ -66,6 +99,8 @@ class KVCacheManager:
         num_evictable_hits = sum(1 for b in hits if b.ref_cnt == 0)
         if max(num_needed, 0) + num_evictable_hits > self.pool.num_free_blocks:
             return False
+        if self.states is not None and not self.states.take(request.request_id):
+            return False
         self.pool.touch(hits)
         blocks.extend(hits)
         if num_needed > 0:
@@ -78,6 +113,8 @@ class KVCacheManager:
         self.req_keys.pop(request.request_id, None)
         self.req_num_cached.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
+        if self.states is not None:
+            self.states.give_back(request.request_id)
 
     def _cache_full_blocks(self, request: Request, blocks: list[Block], num_tokens: int) -> None:
         # Cached the moment they fill (once this step's tokens are written), so requests

@@ -7,6 +7,7 @@ same three verbs with execute on its MLX thread.
 from __future__ import annotations
 
 import itertools
+import logging
 
 from shoal.engine.config import EngineConfig
 from shoal.engine.logits_process import LogitsProcessor, default_processors
@@ -16,14 +17,23 @@ from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import Scheduler, SchedulerConfig
 from shoal.engine.structured_output import StructuredOutputManager
 
+log = logging.getLogger("shoal")
+
 
 def scheduler_config(config: EngineConfig, runner: ModelRunner) -> SchedulerConfig:
     info = runner.info
+    prefix_caching = config.enable_prefix_caching
+    if prefix_caching and info.has_state:
+        # A prefix hit would skip tokens whose effect on the recurrent state was never kept.
+        log.info("prefix caching is off: the model has recurrent layers, whose state is kept per "
+                 "request, not per block")
+        prefix_caching = False
     return SchedulerConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=info.max_model_len, block_size=info.block_size, num_blocks=info.num_blocks,
-        enable_prefix_caching=config.enable_prefix_caching,
-        prefill_budget_while_decoding=config.prefill_budget_while_decoding)
+        enable_prefix_caching=prefix_caching,
+        prefill_budget_while_decoding=config.prefill_budget_while_decoding,
+        num_state_slots=info.num_state_slots)
 
 
 def make_scheduler(config: EngineConfig, runner: ModelRunner) -> tuple[Scheduler, StructuredOutputManager]:

@@ -23,7 +23,7 @@ from shoal.engine.config import EngineConfig
 from shoal.engine.loader import load_model
 from shoal.engine.outputs import ModelRunnerOutput, SchedulerOutput, ScheduledRequest
 from shoal.engine.attention import AttentionSelector
-from shoal.engine.paged_cache import PagedKVCache, install_attention
+from shoal.engine.paged_cache import PagedKVCache, PagedStateCache, install_attention
 from shoal.engine.logits_process import step_bias
 from shoal.engine.sampler import Sampler
 
@@ -31,13 +31,40 @@ log = logging.getLogger("shoal")
 
 
 @dataclass(frozen=True)
+class StateSpec:
+    """A recurrent layer's per-request state (Gated DeltaNet, Mamba, short convolution): the
+    arrays its mlx-lm `ArraysCache` holds after a token, without the batch axis."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[mx.Dtype, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(s)) * d.size for s, d in zip(self.shapes, self.dtypes))
+
+
+# One entry of a model's cache list: None = full attention, an int W = sliding window of W
+# tokens (both paged), a StateSpec = recurrent state (one slot per running request).
+CacheKind = int | StateSpec | None
+
+
+@dataclass(frozen=True)
 class KVLayout:
-    num_layers: int
+    kinds: tuple[CacheKind, ...]  # per entry of the model's cache list, in its order
     num_kv_heads: int
     head_dim: int
     dtype: mx.Dtype
     vocab_size: int  # logits width, which can differ from the tokenizer's size
-    windows: tuple[int | None, ...] = ()  # per layer: None = full attention, W = sliding window
+
+    @property
+    def num_layers(self) -> int:
+        """Layers with paged K/V."""
+        return sum(not isinstance(k, StateSpec) for k in self.kinds)
+
+    @property
+    def state_bytes(self) -> int:
+        """One request's recurrent state, all layers."""
+        return sum(k.nbytes for k in self.kinds if isinstance(k, StateSpec))
 
     def bytes_per_block(self, block_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * block_size * self.dtype.size
@@ -57,7 +84,13 @@ class ModelInfo:
     block_size: int
     max_model_len: int
     eos_token_ids: frozenset[int]
-    kv_cache_bytes: int
+    kv_cache_bytes: int  # paged K/V plus recurrent state slots
+    num_state_slots: int = 0  # recurrent models: one per request that may run at once
+    state_bytes: int = 0  # of kv_cache_bytes, the state slots'
+
+    @property
+    def has_state(self) -> bool:
+        return self.num_state_slots > 0
 
 
 class _ProbeCache:
@@ -78,42 +111,51 @@ class _ProbeCache:
 
 
 def probe_kv_layout(model) -> KVLayout:
-    """Run one token through the model to learn its per-layer KV shape, whatever the
-    architecture calls its heads."""
-    windows = layer_windows(model)
-    probes = [_ProbeCache() for _ in model.layers]
+    """Run one token through the model, with its own cache list, to learn each entry's kind,
+    the K/V shape of its attention layers (whatever the architecture calls its heads) and
+    the state its recurrent layers keep."""
+    kinds = cache_kinds(model)
+    own = model.make_cache() if hasattr(model, "make_cache") else [None] * len(kinds)
+    probes = [cache if kind == "state" else _ProbeCache() for kind, cache in zip(kinds, own)]
     logits = model(mx.array([[0]]), cache=probes)
-    mx.eval(logits)
-    shapes = {p.shape for p in probes}
+    mx.eval(logits, [p.cache for p in probes if not isinstance(p, _ProbeCache)])
+    shapes = {p.shape for p in probes if isinstance(p, _ProbeCache)}
     if len(shapes) != 1 or None in shapes:
         raise ValueError(f"layers disagree on KV shape: {shapes}")
-    _, num_kv_heads, _, head_dim = probes[0].shape
-    return KVLayout(len(probes), num_kv_heads, head_dim, probes[0].dtype, logits.shape[-1],
-                    windows or (None,) * len(probes))
+    first = next(p for p in probes if isinstance(p, _ProbeCache))
+    _, num_kv_heads, _, head_dim = first.shape
+    resolved = []
+    for kind, probe in zip(kinds, probes):
+        if kind == "state":
+            if any(a is None for a in probe.cache):
+                raise ValueError(f"{type(model).__module__}: a recurrent layer left part of its state unset")
+            kind = StateSpec(tuple(a.shape[1:] for a in probe.cache), tuple(a.dtype for a in probe.cache))
+        resolved.append(kind)
+    return KVLayout(tuple(resolved), num_kv_heads, head_dim, first.dtype, logits.shape[-1])
 
 
-def layer_windows(model) -> tuple[int | None, ...] | None:
-    """Each layer's attention window from the model's own `make_cache()`: None for a plain
-    KVCache (full attention), W for a RotatingKVCache(max_size=W) (sliding window: paged like
-    the others, the mask covers the last W tokens). Anything else is refused."""
+def cache_kinds(model) -> tuple[int | str | None, ...]:
+    """Each entry of the model's own `make_cache()`: None for a plain KVCache (full
+    attention), W for a RotatingKVCache(max_size=W) (sliding window: paged like the others,
+    the mask covers the last W tokens), "state" for an ArraysCache (a recurrent layer).
+    A model without `make_cache` has one full-attention entry per layer. Anything else is
+    refused."""
     if not hasattr(model, "make_cache"):
-        return None
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
+        return (None,) * len(model.layers)
+    from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 
-    caches = model.make_cache()
-    if len(caches) != len(model.layers):
-        raise ValueError(f"{type(model).__module__}: not every layer has a KV cache (SSM or hybrid layers "
-                         "are not supported yet)")
-    windows = []
-    for cache in caches:
+    kinds = []
+    for cache in model.make_cache():
         if type(cache) is KVCache:
-            windows.append(None)
+            kinds.append(None)
         elif type(cache) is RotatingKVCache and cache.keep == 0:
-            windows.append(cache.max_size)
+            kinds.append(cache.max_size)
+        elif type(cache) is ArraysCache:
+            kinds.append("state")
         else:
             raise ValueError(f"{type(model).__module__}: layer cache {type(cache).__name__} is not supported "
-                             "yet (only full attention and sliding windows)")
-    return tuple(windows)
+                             "(only full attention, sliding windows and recurrent state)")
+    return tuple(kinds)
 
 
 # Architectures whose forward is exactly `head(model.model(inputs, cache))`.
@@ -156,6 +198,16 @@ def plan_forwards(lengths: list[int]) -> list[list[int]]:
     return groups + [singles] if singles else groups
 
 
+def plan_unpadded(lengths: list[int], fresh: list[bool]) -> list[list[int]]:
+    """Forwards for a model with recurrent layers: a padded position would advance a row's
+    state, so rows of one forward have the same length (decodes all run together), and
+    either all start fresh (their state reads as None, as in a new ArraysCache) or none."""
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, key in enumerate(zip(lengths, fresh)):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 def _max_position(model) -> int | None:
     args = getattr(model, "args", None)
     return getattr(args, "max_position_embeddings", None)
@@ -169,17 +221,20 @@ class ModelRunner:
         self.info = info
         num_slots = info.num_blocks * info.block_size
         self.num_slots = num_slots
-        self.caches = [
-            PagedKVCache(mx.zeros((layout.num_kv_heads * num_slots, layout.head_dim), layout.dtype),
-                         mx.zeros((layout.num_kv_heads * num_slots, layout.head_dim), layout.dtype),
-                         layout.num_kv_heads, window)
-            for window in layout.windows
-        ]
+        self.caches = [self._make_cache(kind, layout, num_slots) for kind in layout.kinds]
+        self.state_caches = [c for c in self.caches if isinstance(c, PagedStateCache)]
         mx.eval([c.state for c in self.caches])
         self.sampler = Sampler(info.vocab_size, seed)
         self._split = split_head(model)
         self.attention = AttentionSelector(attention_backend, info.block_size, num_slots, layout.num_kv_heads)
         install_attention(model)
+
+    def _make_cache(self, kind: CacheKind, layout: KVLayout, num_slots: int):
+        if isinstance(kind, StateSpec):
+            return PagedStateCache([mx.zeros((self.info.num_state_slots, *shape), dtype)
+                                    for shape, dtype in zip(kind.shapes, kind.dtypes)])
+        shape = (layout.num_kv_heads * num_slots, layout.head_dim)
+        return PagedKVCache(mx.zeros(shape, layout.dtype), mx.zeros(shape, layout.dtype), layout.num_kv_heads, kind)
 
     @classmethod
     def load(cls, config: EngineConfig) -> ModelRunner:
@@ -189,8 +244,16 @@ class ModelRunner:
     @classmethod
     def from_model(cls, model, tokenizer, config: EngineConfig, path: str = "") -> ModelRunner:
         layout = probe_kv_layout(model)
+        # Recurrent state: one slot per request that can run at once, taken from the KV memory
+        # before it is cut into blocks.
+        num_state_slots = config.max_num_seqs if layout.state_bytes else 0
+        state_bytes = num_state_slots * layout.state_bytes
         per_block = layout.bytes_per_block(config.block_size)
-        num_blocks = config.num_blocks or max(2, config.kv_cache_bytes // per_block)
+        if config.num_blocks is None and config.kv_cache_bytes < state_bytes + 2 * per_block:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} cannot hold the recurrent state of "
+                             f"max_num_seqs={config.max_num_seqs} requests ({state_bytes} bytes) and two "
+                             "KV blocks: raise the KV memory or lower max_num_seqs")
+        num_blocks = config.num_blocks or max(2, (config.kv_cache_bytes - state_bytes) // per_block)
         wanted_len = config.max_model_len or _max_position(model)
         if config.num_blocks is None and wanted_len:
             # No more than max_num_seqs full-length sequences can use: small models would
@@ -203,34 +266,58 @@ class ModelRunner:
             num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
             dtype=str(layout.dtype).removeprefix("mlx.core."), num_blocks=num_blocks,
             block_size=config.block_size, max_model_len=max_model_len,
-            eos_token_ids=frozenset(tokenizer.eos_token_ids), kv_cache_bytes=num_blocks * per_block)
+            eos_token_ids=frozenset(tokenizer.eos_token_ids),
+            kv_cache_bytes=num_blocks * per_block + state_bytes,
+            num_state_slots=num_state_slots, state_bytes=state_bytes)
         return cls(model, tokenizer, info, layout, config.seed, config.attention_backend)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """One forward over every scheduled request, then one batched sample."""
+        """One forward over every scheduled request, then one batched sample. Recurrent
+        state is written back only once the step succeeded, so a step that raises can be
+        rerun (request by request) from the state it started with."""
         self.sampler.forget(sched.finished_request_ids)
         rows = sched.scheduled
         if not rows:
             return ModelRunnerOutput(())
+        try:
+            out = self._execute(rows)
+        except BaseException:
+            for cache in self.state_caches:
+                cache.discard()
+            raise
+        for cache in self.state_caches:
+            cache.commit()
+        return out
+
+    def _execute(self, rows: tuple[ScheduledRequest, ...]) -> ModelRunnerOutput:
         logits = self._forward(rows)
         sample_idx = [i for i, r in enumerate(rows) if r.sample]
-        pools = [c.state for c in self.caches]
+        pending = self._pending()
         if not sample_idx:
-            mx.eval(pools)
+            mx.eval(pending)
             return ModelRunnerOutput((None,) * len(rows))
         sample_rows = [rows[i] for i in sample_idx]
         if len(sample_idx) < len(rows):  # decode steps sample every row: no copy then
             logits = logits[mx.array(sample_idx)]
-        mx.async_eval(logits, pools)  # the forward runs while the processors fill their masks
+        mx.async_eval(logits, pending)  # the forward runs while the processors fill their masks
         bias, errors = step_bias(sample_rows, self.info.vocab_size)
         out = self.sampler(logits, sample_rows, bias)
         logprobs = None if out.logprobs is None else self._align(rows, sample_idx, out.logprobs)
         return ModelRunnerOutput(self._align(rows, sample_idx, out.token_ids), logprobs,
                                  tuple((sample_rows[i].request_id, why) for i, why in errors.items()))
 
+    def _pending(self) -> list:
+        """What a forward computed into the pools: K/V (written in place) and new states."""
+        return [c.state for c in self.caches if isinstance(c, PagedKVCache)] + \
+            [c.pending_values() for c in self.state_caches]
+
     def _forward(self, rows: tuple[ScheduledRequest, ...]) -> mx.array:
         """Logits (R, V) at each row's last scheduled token, in row order."""
-        groups = plan_forwards([len(r.token_ids) for r in rows])
+        lengths = [len(r.token_ids) for r in rows]
+        if self.state_caches:
+            groups = plan_unpadded(lengths, [r.start_pos == 0 for r in rows])
+        else:
+            groups = plan_forwards(lengths)
         if len(groups) == 1:
             return self._forward_group(rows)
         parts = []
@@ -239,7 +326,7 @@ class ModelRunner:
             # Finish this forward before the next one writes the pools: a later scatter that
             # runs while an earlier gather still reads a pool cannot reuse its buffer, and MLX
             # then copies the whole pool (measured: seconds per step).
-            mx.eval(parts[-1], [c.state for c in self.caches])
+            mx.eval(parts[-1], self._pending())
         order = np.argsort(np.concatenate(groups))
         return mx.concatenate(parts)[mx.array(order)]
 
@@ -251,6 +338,11 @@ class ModelRunner:
         ctx = self.attention.step_context([r.block_ids for r in rows], [r.start_pos for r in rows], lengths)
         for cache in self.caches:
             cache.ctx = ctx
+        if self.state_caches:
+            slots = mx.array([r.state_slot for r in rows])
+            fresh = rows[0].start_pos == 0  # the same for every row of the forward
+            for cache in self.state_caches:
+                cache.begin(slots, fresh)
         last = (mx.arange(len(rows)), mx.array(lengths) - 1)
         if self._split is None:
             return self.model(mx.array(tokens), cache=self.caches)[last]

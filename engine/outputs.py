@@ -27,6 +27,7 @@ class ScheduledRequest:
     history: tuple[int, ...] | None  # prompt + output ids, only when penalties need them
     num_prompt_tokens: int
     processors: tuple = ()  # LogitsProcessors of a row that samples (engine/logits_process.py)
+    state_slot: int = -1  # models with recurrent layers: the request's state slot
 
 
 @dataclass(frozen=True)

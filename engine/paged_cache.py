@@ -53,21 +53,83 @@ class PagedKVCache:
         return self.k_pool, self.v_pool
 
 
+class PagedStateCache:
+    """One recurrent layer's view of the state pool (one slot per running request), speaking
+    mlx-lm's ArraysCache protocol. `cache[i]` reads this forward's rows' state i from their
+    slots (None when every row starts fresh, as a new ArraysCache does); `cache[i] = x` keeps
+    the new state pending until the runner commits the step. Rows are never padded
+    (`plan_unpadded`), so `lengths` is None and no mask is needed."""
+
+    lengths = None
+    left_padding = None
+
+    def __init__(self, pools: list[mx.array]):
+        self.pools = pools
+        self.ctx: StepContext | None = None  # unused: states are addressed by slot
+        self._slots: mx.array | None = None
+        self._fresh = True
+        self._values: list[mx.array | None] = []  # this forward's reads and writes
+        self._pending: list[tuple[mx.array, int, mx.array]] = []  # (slots, index, value) per write
+
+    def begin(self, slots: mx.array, fresh: bool) -> None:
+        """Address the next forward's rows: their slots, and whether they all start fresh."""
+        self._slots, self._fresh = slots, fresh
+        self._values = [None] * len(self.pools)
+
+    def __getitem__(self, i: int) -> mx.array | None:
+        if self._values[i] is None and not self._fresh:
+            self._values[i] = self.pools[i][self._slots]
+        return self._values[i]
+
+    def __setitem__(self, i: int, value: mx.array) -> None:
+        self._values[i] = value
+        self._pending.append((self._slots, i, value))
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def make_mask(self, N: int, **kwargs) -> None:
+        return None
+
+    def pending_values(self) -> list[mx.array]:
+        return [value for _, _, value in self._pending]
+
+    def commit(self) -> None:
+        """Write the step's new states into their slots (a later write to a slot wins)."""
+        for slots, i, value in self._pending:
+            self.pools[i][slots] = value.astype(self.pools[i].dtype)
+        if self._pending:
+            mx.async_eval(self.pools)
+        self._pending = []
+
+    def discard(self) -> None:
+        self._pending = []
+
+    @property
+    def state(self) -> list[mx.array]:
+        return self.pools
+
+
 def install_attention(model) -> None:
     """Route attention over a PagedKVCache to the forward's backend. mlx-lm models call the
-    `scaled_dot_product_attention` their module imported; wrapping that name dispatches on the
+    `scaled_dot_product_attention` their module imported; wrapping that name, in every module
+    the model's layers come from (qwen3_5 borrows qwen3_next's attention), dispatches on the
     cache type, so every other caller (mlx-lm's own KVCache, quantized caches) is untouched.
     A model that calls MLX's kernel directly still gets the right answer from the full
     gather `update_and_fetch` returns; it just never uses cascade."""
-    module = sys.modules[type(model).__module__]
-    original = getattr(module, "scaled_dot_product_attention", None)
-    if original is None or getattr(original, "paged_dispatch", False):
-        return
+    for name in sorted({type(m).__module__ for m in model.modules()}):
+        module = sys.modules.get(name)
+        original = getattr(module, "scaled_dot_product_attention", None)
+        if original is None or getattr(original, "paged_dispatch", False):
+            continue
+        module.scaled_dot_product_attention = _paged_dispatch(original)
 
+
+def _paged_dispatch(original):
     def dispatch(queries, keys, values, cache, scale, mask, sinks=None):
         if isinstance(cache, PagedKVCache) and sinks is None:
             return cache.ctx.backend.attend(cache.ctx, cache, queries, keys, values, scale, mask, original)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     dispatch.paged_dispatch = True
-    module.scaled_dot_product_attention = dispatch
+    return dispatch

@@ -34,6 +34,7 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     # Prompt tokens per step while any request decodes (max_num_batched_tokens when none does).
     prefill_budget_while_decoding: int = 512
+    num_state_slots: int = 0  # models with recurrent layers: one state slot per running request
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.prefill_budget_while_decoding < 1:
@@ -61,7 +62,7 @@ class Scheduler:
         self.config = config
         self._make_processors = processors
         self.pool = BlockPool(config.num_blocks, config.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool, config.block_size)
+        self.kv = KVCacheManager(self.pool, config.block_size, config.num_state_slots)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -164,6 +165,7 @@ class Scheduler:
             history=tuple(request.all_token_ids) if params.uses_penalties else None,
             num_prompt_tokens=request.num_prompt_tokens,
             processors=tuple(request.processors) if sample else (),
+            state_slot=self.kv.states.slot(request.request_id) if self.kv.states else -1,
         )
 
     def _make_output(self, scheduled: list[ScheduledRequest]) -> SchedulerOutput:

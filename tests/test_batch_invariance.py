@@ -27,7 +27,7 @@ def run_staggered(llm: LLM, prompts, max_tokens, arrive_every: int = 3):
 
 def assert_staggered_matches(model, tokenizer, prompts, max_tokens, num_blocks, budget, max_model_len) -> None:
     """16 staggered requests through the engine give mlx-lm's own greedy tokens; a small pool
-    (`num_blocks`) must have forced preemption; every block is free afterwards."""
+    (`num_blocks`) must have forced preemption; every block (and state slot) is free afterwards."""
     expected = [reference_greedy(model, p, n, tokenizer.eos_token_ids) for p, n in zip(prompts, max_tokens)]
     config = EngineConfig(num_blocks=num_blocks, max_num_batched_tokens=budget, block_size=16,
                           max_model_len=max_model_len, enable_prefix_caching=False)
@@ -38,6 +38,8 @@ def assert_staggered_matches(model, tokenizer, prompts, max_tokens, num_blocks, 
     if num_blocks is not None:
         assert llm.scheduler.stats.num_preemptions > 0, "the small pool should force preemption"
     assert llm.scheduler.pool.num_free_blocks == llm.scheduler.pool.num_blocks - 1
+    states = llm.scheduler.kv.states
+    assert states is None or (states.num_free == states.num_slots and not states.req_slot)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -13,7 +13,7 @@ import pytest
 
 from shoal.engine.config import EngineConfig
 from shoal.engine.llm import LLM
-from shoal.engine.model_runner import ModelRunner, layer_windows
+from shoal.engine.model_runner import ModelRunner, cache_kinds
 
 from conftest import random_prompts, reference_greedy
 from test_batch_invariance import assert_staggered_matches
@@ -41,7 +41,7 @@ def gemma(request, tmp_path_factory: pytest.TempPathFactory):
 
 def test_the_model_has_sliding_and_global_layers(gemma):
     model, _ = gemma
-    assert layer_windows(model) == (WINDOW, None, WINDOW, None)
+    assert cache_kinds(model) == (WINDOW, None, WINDOW, None)
 
 
 @pytest.mark.parametrize("num_blocks,budget", [(None, 512), (20, 32)], ids=["roomy", "chunked-preempting"])

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from shoal import __version__
+from shoal.cluster import add_cluster_options, run_cluster
 from shoal.engine.config import EngineConfig
 from shoal.engine.platform import preload_blas
 
@@ -118,6 +119,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--disable-log-requests", action="store_true",
                    help="accepted for vLLM compatibility: Shoal does not log each request")
     add_chat_options(p)
+    add_cluster_options(p)
     add_common_options(p)
     p.set_defaults(handler=run_serve)
 
@@ -289,9 +291,13 @@ def run_serve(args: argparse.Namespace) -> int:
         for name in ("drain_timeout", "header_timeout", "keep_alive_timeout"):
             if not getattr(args, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if args.data_parallel_size < 1:
+            raise ValueError("--data-parallel-size must be >= 1")
     except ValueError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
+    if args.data_parallel_size > 1:
+        return run_cluster(args, config.api_keys)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:
@@ -313,7 +319,9 @@ def configure_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `shoal` console script and `python -m shoal`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.raw_argv = argv[1:]  # the subcommand's own arguments (`shoal serve -dp N` re-runs them)
     configure_logging(args.log_level)
     try:
         log.info(preload_blas(args.blas))  # before anything imports MLX

@@ -16,6 +16,7 @@ from shoal.api.chat import ChatService
 from shoal.api.config import ServerConfig
 from shoal.api.errors import install_error_handlers
 from shoal.api.framing import FramingMiddleware
+from shoal.api.loads import LoadTracker
 from shoal.api.metrics import HttpMetricsMiddleware, PrometheusStatLogger
 from shoal.api.sampling import SamplingDefaults
 from shoal.api.request_id import RequestIdMiddleware
@@ -58,12 +59,13 @@ def _lifespan(config: ServerConfig, engine_config: EngineConfig, factory: Engine
         model = ServedModel.from_path(info.path, config.served_model_name, config.aliases,
                                       info.max_model_len)
         metrics = PrometheusStatLogger(model.name, info.max_model_len, cache_config_labels(engine_config, info))
-        engine.stat_loggers.append(metrics)
+        loads = LoadTracker((info.num_blocks - 1) * info.block_size, engine_config.max_num_seqs)
+        engine.stat_loggers.extend((metrics, loads))
         if config.log_stats:
             engine.stat_loggers.append(LoggingStatLogger())
         chat = chat_service(engine, config)
         defaults = SamplingDefaults.load(info.path, dict(config.generation_config))
-        app.state.server = ServerState(engine, config, model, metrics, chat, defaults)
+        app.state.server = ServerState(engine, config, model, metrics, chat, defaults, loads)
         log_limits(model, engine_config, config)
         log.info("sampling defaults: %s; tool calls: %s; reasoning: %s", defaults,
                  chat.tool_format.name if chat.tool_format else "not parsed (no parser for this model)",

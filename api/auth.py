@@ -1,10 +1,10 @@
 """API-key authentication.
 
-With keys configured, every route except `GET/HEAD /`, `/health` and `/metrics` needs one,
-sent as `Authorization: Bearer <key>` or `x-api-key: <key>`. `/metrics` is open as in vLLM,
-so a copied scrape config works; `--metrics-require-key` protects it (Prometheus can send a
-bearer token). `/health` stays open so load balancers can probe without a secret; it says
-only "up" or "down".
+With keys configured, every route except `GET/HEAD /`, `/health`, `/metrics` and `/v1/loads`
+needs one, sent as `Authorization: Bearer <key>` or `x-api-key: <key>`. `/metrics` is open as
+in vLLM, so a copied scrape config works; `--metrics-require-key` protects it and `/v1/loads`
+(the same numbers as JSON) together (Prometheus and smg can send a bearer token). `/health`
+stays open so load balancers can probe without a secret; it says only "up" or "down".
 """
 
 from __future__ import annotations

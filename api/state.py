@@ -8,6 +8,7 @@ from fastapi import Request
 
 from shoal.api.chat import ChatService
 from shoal.api.config import ServerConfig
+from shoal.api.loads import LoadTracker
 from shoal.api.metrics import PrometheusStatLogger
 from shoal.api.sampling import SamplingDefaults
 from shoal.api.served_model import ServedModel
@@ -22,6 +23,7 @@ class ServerState:
     metrics: PrometheusStatLogger
     chat: ChatService
     sampling_defaults: SamplingDefaults
+    loads: LoadTracker
 
 
 def server_state(request: Request) -> ServerState:

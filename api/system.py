@@ -1,4 +1,5 @@
-"""Operational routes: liveness, version, Prometheus metrics, and the root probe."""
+"""Operational routes: liveness, version, Prometheus metrics, the load a gateway routes on
+(api/loads.py), and the root probe."""
 
 from __future__ import annotations
 
@@ -45,6 +46,28 @@ async def metrics(request: Request) -> Response:
     if server_state(request).config.metrics_require_key:
         await require_api_key(request)
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@open_router.get("/v1/loads")
+async def v1_loads(request: Request) -> Response:
+    """SGLang's load report (api/loads.py); open like /metrics, which has the same numbers,
+    and protected with it by `--metrics-require-key`. `include=` sections are not reported."""
+    state = server_state(request)
+    if state.config.metrics_require_key:
+        await require_api_key(request)
+    return json_response(state.loads.loads())
+
+
+@protected_router.get("/server_info")
+async def server_info(request: Request) -> Response:
+    """The keys of SGLang's `/server_info` that a gateway reads. Needs the key, like /version."""
+    state = server_state(request)
+    return json_response({"model_path": state.engine.info.path, "served_model_name": state.model.name,
+                          "tp_size": 1, "dp_size": 1, "pp_size": 1, "disaggregation_mode": "null",
+                          "is_embedding": False, "context_length": state.model.max_model_len,
+                          "max_total_tokens": state.loads.max_total_num_tokens,
+                          "max_running_requests": state.loads.max_running_requests,
+                          "version": __version__})
 
 
 @protected_router.post("/reset_prefix_cache")

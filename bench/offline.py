@@ -44,15 +44,21 @@ def run_shoal(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> di
             "steps": llm.scheduler.stats.num_steps}
 
 
+# Random-weight models with a real model's layer shape: name -> (family, shape function).
+BENCH_SHAPES = {"smollm2-shape": ("llama", "smollm2_shape"), "gemma3-shape": ("gemma3_text", "gemma3_shape"),
+                "qwen3.5-shape": ("qwen3_5", "qwen3_5_shape")}
+
+
 def load_bench_model(model_arg: str):
     from mlx_lm import load
 
-    if model_arg in ("smollm2-shape", "gemma3-shape"):
-        from shoal.bench.random_model import gemma3_shape, make_random_model, smollm2_shape
+    if model_arg in BENCH_SHAPES:
+        from shoal.bench import random_model
         from shoal.engine.default_model import default_cache_dir
 
-        family, shape = ("llama", smollm2_shape()) if model_arg == "smollm2-shape" else ("gemma3_text", gemma3_shape())
-        path = make_random_model(default_cache_dir() / "bench-models" / model_arg, family, **shape)
+        family, shape = BENCH_SHAPES[model_arg]
+        path = random_model.make_random_model(default_cache_dir() / "bench-models" / model_arg, family,
+                                              **getattr(random_model, shape)())
     else:
         from shoal.engine.loader import resolve_model_path
 
@@ -65,7 +71,7 @@ def load_bench_model(model_arg: str):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-shape", help="smollm2-shape or gemma3-shape (random weights), default, or a model path")
+    parser.add_argument("--model", default="smollm2-shape", help=f"{', '.join(BENCH_SHAPES)} (random weights), default, or a model path")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)

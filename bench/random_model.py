@@ -91,6 +91,25 @@ def gemma3_shape() -> dict[str, Any]:
     }
 
 
+def qwen3_5_shape() -> dict[str, Any]:
+    """Qwen3.5-0.8B's layer shape as we know it (24 layers: 3 Gated DeltaNet layers to 1 full
+    attention, 16 key and 16 value heads of 128 in the linear layers), with SmolLM2's
+    vocabulary size instead of 248k, as for `gemma3_shape`."""
+    return {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "intermediate_size": 3584,
+        "vocab_size": 49152,
+        "head_dim": 256,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-6,
+        "extra_config": {"linear_num_key_heads": 16, "linear_num_value_heads": 16, "linear_key_head_dim": 128,
+                         "linear_value_head_dim": 128},
+    }
+
+
 def smollm2_shape() -> dict[str, Any]:
     """Return the SmolLM2-135M shape as keyword arguments for ``make_random_model``."""
     return {
@@ -219,6 +238,7 @@ def _model_config(family: str, params: dict[str, Any]) -> dict[str, Any]:
                       ssm_state_size=16, conv_kernel=4, n_groups=1, mlp_bias=False,
                       layer_norm_epsilon=params["rms_norm_eps"], use_bias=False, use_conv_bias=True,
                       hybrid_override_pattern=[pattern[i % 4] for i in range(params["num_hidden_layers"])])
+    config.update(params.get("extra_config") or {})
     return config
 
 
@@ -298,11 +318,13 @@ def make_random_model(
     rms_norm_eps: float = 1e-5,
     sliding_window: int = 24,
     sliding_window_pattern: int = 2,
+    extra_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random-weight ``family`` model loadable by ``mlx_lm.load`` to ``out_dir``.
 
     ``vocab_size`` defaults to the tokenizer's size so every id decodes; a larger
-    value is allowed (extra ids have no text). Returns ``out_dir`` as a Path;
+    value is allowed (extra ids have no text). ``extra_config`` overrides the family's
+    ``config.json`` entries (layer counts of a hybrid, head sizes). Returns ``out_dir`` as a Path;
     when it already holds a model built with the same arguments nothing is rewritten.
     """
     out = Path(out_dir)
@@ -323,6 +345,7 @@ def make_random_model(
             "rms_norm_eps": rms_norm_eps,
             **({"sliding_window": sliding_window, "sliding_window_pattern": sliding_window_pattern}
                if family == "gemma3_text" else {"sliding_window": sliding_window} if family == "gpt_oss" else {}),
+            **({"extra_config": extra_config} if extra_config else {}),
         },
     )
     if _is_cached(out, params):

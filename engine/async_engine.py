@@ -107,9 +107,11 @@ class AsyncEngine:
         self._stats.start(self.scheduler)
         self._loop_task = asyncio.create_task(self._step_loop(), name="shoal-step-loop")
         info = self.info
-        log.info("engine ready: %s, %d layers, %s, KV pool %d blocks x %d tokens (%.2f GiB), "
+        state = (f", recurrent state {info.num_state_slots} slots ({info.state_bytes / 2**30:.2f} GiB of it)"
+                 if info.has_state else "")
+        log.info("engine ready: %s, %d attention layers, %s, KV pool %d blocks x %d tokens (%.2f GiB%s), "
                  "max_model_len %d", info.path, info.num_layers, info.dtype, info.num_blocks - 1,
-                 info.block_size, info.kv_cache_bytes / 2**30, info.max_model_len)
+                 info.block_size, info.kv_cache_bytes / 2**30, state, info.max_model_len)
         return self
 
     @property

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -114,6 +115,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="a request body must arrive within this of its head (else 408)")
     p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="idle keep-alive connections are closed after this")
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                   help="shard the model over N ranks of mx.distributed (ring backend). Not under a "
+                        "launcher: starts N-1 worker processes on this machine; under `mlx.launch "
+                        "--backend ring --hostfile ...` (MLX_RANK set): this process is one rank")
     p.add_argument("--disable-log-stats", action="store_true",
                    help="no periodic engine summary line (throughput, queue, KV usage) in the log")
     p.add_argument("--disable-log-requests", action="store_true",
@@ -234,7 +239,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         prefill_budget_while_decoding=args.prefill_budget_while_decoding,
         enable_prefix_caching=not args.no_prefix_caching, dtype=args.dtype, seed=args.seed,
-        attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests)
+        attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests,
+        tensor_parallel_size=args.tensor_parallel_size)
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
@@ -298,6 +304,49 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if args.data_parallel_size > 1:
         return run_cluster(args, config.api_keys)
+    if engine.tensor_parallel_size > 1:
+        return run_tensor_parallel(args, engine, config)
+    return run_http(args, engine, config)
+
+
+def run_tensor_parallel(args: argparse.Namespace, engine: EngineConfig, config) -> int:
+    """Rank 0 serves HTTP; other ranks run the worker loop. Without a launcher, this process
+    is rank 0 and starts the others here, ending them when it ends."""
+    import tempfile
+
+    from shoal.engine import distributed
+
+    if distributed.RANK_ENV in os.environ:
+        if int(os.environ[distributed.RANK_ENV]) != 0:
+            return _exit_now(distributed.run_worker(engine))
+        return _exit_now(run_http(args, engine, config))
+    with tempfile.TemporaryDirectory(prefix="shoal-tp-") as workdir:
+        workers = distributed.launch_local_workers(engine.tensor_parallel_size, args.raw_argv, Path(workdir))
+        try:
+            code = run_http(args, engine, config)
+        finally:
+            for worker in workers:
+                try:
+                    worker.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+        bad = [w.returncode for w in workers if w.returncode]
+    return _exit_now(code or (1 if bad else 0))
+
+
+def _exit_now(code: int) -> int:
+    """Exit at once: after a lost rank the MLX thread may be stuck in a collective forever,
+    and an ordinary exit would wait for it."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_http(args: argparse.Namespace, engine: EngineConfig, config) -> int:
+    from shoal.api.server import bind_socket
+
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:

@@ -42,6 +42,11 @@ class EngineDrainingError(EngineDeadError):
     """The server is shutting down: requests in flight finish, new ones go elsewhere."""
 
 
+class DeviceLostError(RuntimeError):
+    """Raised by a runner that can never run a step again (a tensor-parallel rank is gone):
+    the engine dies at once instead of failing requests one by one."""
+
+
 class EngineOverloadedError(RuntimeError):
     """Too many requests are already waiting; try again later."""
 
@@ -83,15 +88,24 @@ class RequestStream:
                 self._abort(self.request.request_id)
 
 
+def load_runner(config: EngineConfig) -> ModelRunner:
+    if config.tensor_parallel_size > 1:
+        from shoal.engine.distributed import rank0_runner
+
+        return rank0_runner(config)
+    return ModelRunner.load(config)
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, runner_factory: Callable[[], ModelRunner] | None = None):
         self.config = config
-        self._runner_factory = runner_factory or (lambda: ModelRunner.load(config))
+        self._runner_factory = runner_factory or (lambda: load_runner(config))
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="shoal-mlx")
         self._streams: dict[str, RequestStream] = {}
         self._wakeup = asyncio.Event()
         self._ids = itertools.count()
         self._loop_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
         self.dead_error: BaseException | None = None
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
@@ -106,12 +120,16 @@ class AsyncEngine:
         await asyncio.to_thread(self.structured.warm)  # so requests never build it on the loop
         self._stats.start(self.scheduler)
         self._loop_task = asyncio.create_task(self._step_loop(), name="shoal-step-loop")
+        lost = getattr(self.runner, "lost", None)  # a tensor-parallel runner's lost-rank flag
+        if lost is not None:
+            self._watch_task = asyncio.create_task(self._watch_lost(lost), name="shoal-rank-watch")
         info = self.info
         state = (f", recurrent state {info.num_state_slots} slots ({info.state_bytes / 2**30:.2f} GiB of it)"
                  if info.has_state else "")
-        log.info("engine ready: %s, %d attention layers, %s, KV pool %d blocks x %d tokens (%.2f GiB%s), "
+        per_rank = f" on each of {info.tensor_parallel_size} ranks" if info.tensor_parallel_size > 1 else ""
+        log.info("engine ready: %s, %d attention layers, %s, KV pool %d blocks x %d tokens (%.2f GiB%s%s), "
                  "max_model_len %d", info.path, info.num_layers, info.dtype, info.num_blocks - 1,
-                 info.block_size, info.kv_cache_bytes / 2**30, state, info.max_model_len)
+                 info.block_size, info.kv_cache_bytes / 2**30, state, per_rank, info.max_model_len)
         return self
 
     @property
@@ -210,12 +228,26 @@ class AsyncEngine:
             self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
             self._push_stats(0)
 
+    async def _watch_lost(self, lost) -> None:
+        """The runner lost part of its device (a rank), perhaps while a step hangs on it: die
+        now, ending every stream with an error, so the server exits instead of waiting."""
+        while not lost.is_set():
+            await asyncio.sleep(0.2)
+        if self.dead_error is None:
+            reason = self.runner.lost_reason
+            log.error("engine lost its device: %s; failing all requests", reason)
+            self.dead_error = DeviceLostError(reason)
+            self._loop_task.cancel()
+            self._fail_all(f"engine error: {reason}")
+
     async def _execute(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, ModelRunnerOutput]:
         """Run a step. If it raises, run each request's share alone so that only the
         requests that fail on their own end (with an error); the step loop dies only after
         MAX_FAILED_STEPS steps in a row in which nothing succeeded (a broken device)."""
         try:
             result = await self._on_mlx(self.runner.execute, sched)
+        except DeviceLostError:
+            raise
         except Exception as exc:  # noqa: BLE001 - isolated below; re-raised if nothing runs
             if not sched.scheduled:  # a step that only told the runner which requests finished
                 self._count_failed_step(str(exc))
@@ -233,6 +265,8 @@ class AsyncEngine:
             alone = SchedulerOutput((row,), len(row.token_ids), sched.finished_request_ids)
             try:
                 result = await self._on_mlx(self.runner.execute, alone)
+            except DeviceLostError:
+                raise
             except Exception as exc:  # noqa: BLE001 - this request's own failure
                 log.error("request %s failed in its step: %s: %s", row.request_id, type(exc).__name__, exc)
                 failed.append((row, f"engine error in this request: {type(exc).__name__}: {exc}"))
@@ -350,6 +384,8 @@ class AsyncEngine:
         return cut
 
     async def shutdown(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:
@@ -358,6 +394,9 @@ class AsyncEngine:
                 pass
         if self.scheduler is not None:
             self._fail_all("the server is shutting down")
+        if isinstance(self.dead_error, DeviceLostError):  # the MLX thread may be stuck in a step
+            self._executor.shutdown(wait=False)
+            return
         if self.runner is not None:
             await self._on_mlx(self.runner.close)
         self._executor.shutdown(wait=True)

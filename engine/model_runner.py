@@ -87,6 +87,7 @@ class ModelInfo:
     kv_cache_bytes: int  # paged K/V plus recurrent state slots
     num_state_slots: int = 0  # recurrent models: one per request that may run at once
     state_bytes: int = 0  # of kv_cache_bytes, the state slots'
+    tensor_parallel_size: int = 1  # ranks sharing the model: KV heads, pool bytes are per rank
 
     @property
     def has_state(self) -> bool:
@@ -302,19 +303,29 @@ class ModelRunner:
         try:
             out = self._execute(rows)
         except BaseException:
-            for cache in self.state_caches:
-                cache.discard()
+            self.end_step(False)
             raise
-        for cache in self.state_caches:
-            cache.commit()
+        self.end_step(True)
         return out
+
+    def end_step(self, ok: bool) -> None:
+        """Commit the recurrent state a step computed, or drop it after a failed step."""
+        for cache in self.state_caches:
+            cache.commit() if ok else cache.discard()
+
+    def forward_only(self, rows: tuple[ScheduledRequest, ...]) -> None:
+        """A tensor-parallel worker's share of a step: the forward and its all-reduces
+        (evaluated to the logits: the last layer's all-reduce feeds them); rank 0 samples."""
+        mx.eval(self._forward(rows), self._pending())
 
     def _execute(self, rows: tuple[ScheduledRequest, ...]) -> ModelRunnerOutput:
         logits = self._forward(rows)
         sample_idx = [i for i, r in enumerate(rows) if r.sample]
         pending = self._pending()
         if not sample_idx:
-            mx.eval(pending)
+            # To the logits even so: a tensor-parallel worker evaluates the same graph, with
+            # the same all-reduces (engine/distributed.py).
+            mx.eval(logits, pending)
             return ModelRunnerOutput((None,) * len(rows))
         sample_rows = [rows[i] for i in sample_idx]
         if len(sample_idx) < len(rows):  # decode steps sample every row: no copy then

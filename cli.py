@@ -119,6 +119,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="shard the model over N ranks of mx.distributed (ring backend). Not under a "
                         "launcher: starts N-1 worker processes on this machine; under `mlx.launch "
                         "--backend ring --hostfile ...` (MLX_RANK set): this process is one rank")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=positive_int, default=1, metavar="N",
+                   help="split the model's layers over N ranks (mlx-lm's pipeline: qwen3_5, qwen3_next, "
+                        "deepseek, ...), launched like --tensor-parallel-size; not with it")
     p.add_argument("--disable-log-stats", action="store_true",
                    help="no periodic engine summary line (throughput, queue, KV usage) in the log")
     p.add_argument("--disable-log-requests", action="store_true",
@@ -240,7 +243,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         prefill_budget_while_decoding=args.prefill_budget_while_decoding,
         enable_prefix_caching=not args.no_prefix_caching, dtype=args.dtype, seed=args.seed,
         attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests,
-        tensor_parallel_size=args.tensor_parallel_size)
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size)
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
@@ -304,12 +307,12 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if args.data_parallel_size > 1:
         return run_cluster(args, config.api_keys)
-    if engine.tensor_parallel_size > 1:
-        return run_tensor_parallel(args, engine, config)
+    if engine.tensor_parallel_size > 1 or engine.pipeline_parallel_size > 1:
+        return run_model_parallel(args, engine, config)
     return run_http(args, engine, config)
 
 
-def run_tensor_parallel(args: argparse.Namespace, engine: EngineConfig, config) -> int:
+def run_model_parallel(args: argparse.Namespace, engine: EngineConfig, config) -> int:
     """Rank 0 serves HTTP; other ranks run the worker loop. Without a launcher, this process
     is rank 0 and starts the others here, ending them when it ends."""
     import tempfile
@@ -321,7 +324,8 @@ def run_tensor_parallel(args: argparse.Namespace, engine: EngineConfig, config) 
             return _exit_now(distributed.run_worker(engine))
         return _exit_now(run_http(args, engine, config))
     with tempfile.TemporaryDirectory(prefix="shoal-tp-") as workdir:
-        workers = distributed.launch_local_workers(engine.tensor_parallel_size, args.raw_argv, Path(workdir))
+        workers = distributed.launch_local_workers(distributed.group_size(engine),
+                                                   ["-m", "shoal", "serve", *args.raw_argv], Path(workdir))
         try:
             code = run_http(args, engine, config)
         finally:

@@ -63,7 +63,8 @@ async def server_info(request: Request) -> Response:
     """The keys of SGLang's `/server_info` that a gateway reads. Needs the key, like /version."""
     state = server_state(request)
     return json_response({"model_path": state.engine.info.path, "served_model_name": state.model.name,
-                          "tp_size": state.engine.info.tensor_parallel_size, "dp_size": 1, "pp_size": 1,
+                          "tp_size": state.engine.info.tensor_parallel_size, "dp_size": 1,
+                          "pp_size": state.engine.info.pipeline_parallel_size,
                           "disaggregation_mode": "null",
                           "is_embedding": False, "context_length": state.model.max_model_len,
                           "max_total_tokens": state.loads.max_total_num_tokens,

@@ -46,7 +46,7 @@ def run_shoal(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> di
 
 # Random-weight models with a real model's layer shape: name -> (family, shape function).
 BENCH_SHAPES = {"smollm2-shape": ("llama", "smollm2_shape"), "gemma3-shape": ("gemma3_text", "gemma3_shape"),
-                "qwen3.5-shape": ("qwen3_5", "qwen3_5_shape")}
+                "qwen3.5-shape": ("qwen3_5", "qwen3_5_shape"), "qwen3-shape": ("qwen3", "qwen3_shape")}
 
 
 def load_bench_model(model_arg: str):

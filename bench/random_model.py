@@ -110,6 +110,22 @@ def qwen3_5_shape() -> dict[str, Any]:
     }
 
 
+def qwen3_shape() -> dict[str, Any]:
+    """Qwen3-0.6B's layer shape (28 layers, 16 query and 8 KV heads of 128: both halve for
+    tensor parallel 2), with SmolLM2's vocabulary size."""
+    return {
+        "hidden_size": 1024,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "intermediate_size": 3072,
+        "vocab_size": 49152,
+        "head_dim": 128,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-6,
+    }
+
+
 def smollm2_shape() -> dict[str, Any]:
     """Return the SmolLM2-135M shape as keyword arguments for ``make_random_model``."""
     return {

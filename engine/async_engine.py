@@ -89,7 +89,7 @@ class RequestStream:
 
 
 def load_runner(config: EngineConfig) -> ModelRunner:
-    if config.tensor_parallel_size > 1:
+    if config.tensor_parallel_size > 1 or config.pipeline_parallel_size > 1:
         from shoal.engine.distributed import rank0_runner
 
         return rank0_runner(config)
@@ -126,7 +126,8 @@ class AsyncEngine:
         info = self.info
         state = (f", recurrent state {info.num_state_slots} slots ({info.state_bytes / 2**30:.2f} GiB of it)"
                  if info.has_state else "")
-        per_rank = f" on each of {info.tensor_parallel_size} ranks" if info.tensor_parallel_size > 1 else ""
+        ranks = info.tensor_parallel_size * info.pipeline_parallel_size
+        per_rank = f" on each of {ranks} ranks" if ranks > 1 else ""
         log.info("engine ready: %s, %d attention layers, %s, KV pool %d blocks x %d tokens (%.2f GiB%s%s), "
                  "max_model_len %d", info.path, info.num_layers, info.dtype, info.num_blocks - 1,
                  info.block_size, info.kv_cache_bytes / 2**30, state, per_rank, info.max_model_len)

@@ -23,7 +23,8 @@ class EngineConfig:
     seed: int = 0  # seeds sampling for requests without their own seed
     attention_backend: str = "auto"  # auto (cascade where the cost rule says), gather, cascade
     max_waiting_requests: int = 1024  # past this many queued, new requests are refused; 0 = no bound
-    tensor_parallel_size: int = 1  # ranks of mx.distributed sharing the model (engine/distributed.py)
+    tensor_parallel_size: int = 1  # ranks of mx.distributed sharing every layer (engine/distributed.py)
+    pipeline_parallel_size: int = 1  # ranks of mx.distributed holding a run of layers each
 
     def __post_init__(self) -> None:
         checks = [
@@ -33,7 +34,8 @@ class EngineConfig:
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
             (self.prefill_budget_while_decoding >= 1, "prefill_budget_while_decoding must be >= 1"),
-            (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
+            (self.tensor_parallel_size >= 1 and self.pipeline_parallel_size >= 1,
+             "tensor_parallel_size and pipeline_parallel_size must be >= 1"),
             (self.max_waiting_requests >= 0, "max_waiting_requests must be >= 0 (0: no bound)"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
             (self.dtype in ("auto", "float32", "float16", "bfloat16"), f"unknown dtype {self.dtype!r}"),

@@ -53,6 +53,7 @@ class StepChannel:
         self.group = group
         self.rank = group.rank()
         self.bytes_sent = 0  # step messages, for benchmarks
+        self.num_sent = 0
 
     def _all_sum(self, values: np.ndarray) -> np.ndarray:
         out = mx.distributed.all_sum(mx.array(values), group=self.group, stream=mx.cpu)
@@ -63,6 +64,7 @@ class StepChannel:
         self._all_sum(np.array([data.size], dtype=np.int32))
         self._all_sum(data)
         self.bytes_sent += 4 + data.size
+        self.num_sent += 1
 
     def recv(self):
         size = int(self._all_sum(np.zeros(1, dtype=np.int32))[0])
@@ -146,50 +148,72 @@ def worker_loop(runner: ModelRunner, channel: StepChannel) -> int:
         runner.forward_only(_scheduled(rows))
 
 
-def init_group(size: int):
+def group_size(config: EngineConfig) -> int:
+    return config.tensor_parallel_size * config.pipeline_parallel_size
+
+
+def init_group(config: EngineConfig):
     group = mx.distributed.init(backend="ring", strict=True)
-    if group.size() != size:
-        raise ValueError(f"--tensor-parallel-size {size}, but the launcher started {group.size()} ranks")
+    if group.size() != group_size(config):
+        raise ValueError(f"{group_size(config)} ranks wanted (tensor x pipeline parallel), but the launcher "
+                         f"started {group.size()}")
     return group
 
 
 def load_sharded(config: EngineConfig, group) -> ModelRunner:
-    """This rank's runner: the model sharded over the group, its pool for its KV heads."""
+    """This rank's runner: the model sharded over the group (its heads of every layer with
+    tensor parallelism, its run of layers with pipeline parallelism), its own paged pool."""
     from shoal.engine.loader import load_model
 
     model, tokenizer, path = load_model(config.model, config.dtype)
-    if not hasattr(model, "shard"):
-        raise ValueError(f"{type(model).__module__}: mlx-lm cannot shard this architecture for tensor parallelism")
-    args = getattr(model, "args", None)
-    for name in ("num_attention_heads", "num_key_value_heads"):
-        heads = getattr(args, name, None)
-        if heads is not None and heads % group.size():
-            raise ValueError(f"{name}={heads} is not divisible by --tensor-parallel-size {group.size()}")
-    model.shard(group)
+    name = type(model).__module__.rsplit(".", 1)[-1]
+    if config.pipeline_parallel_size > 1:
+        if config.tensor_parallel_size > 1:
+            raise ValueError("tensor and pipeline parallelism together are not supported")
+        if not hasattr(getattr(model, "model", None), "pipeline"):
+            raise ValueError(f"{name}: mlx-lm cannot pipeline this architecture")
+        model.model.pipeline(group)
+    else:
+        if not hasattr(model, "shard"):
+            raise ValueError(f"{name}: mlx-lm cannot shard this architecture for tensor parallelism")
+        args = getattr(model, "args", None)
+        for field in ("num_attention_heads", "num_key_value_heads"):
+            heads = getattr(args, field, None)
+            if heads is not None and heads % group.size():
+                raise ValueError(f"{field}={heads} is not divisible by --tensor-parallel-size {group.size()}")
+        model.shard(group)
     mx.eval(model.parameters())
     runner = ModelRunner.from_model(model, tokenizer, config, str(path))
-    runner.info = replace(runner.info, tensor_parallel_size=group.size())
+    # Every rank must have the blocks rank 0's scheduler hands out: a pipeline rank with fewer
+    # layers would fit more in the same memory, so all take the smallest count.
+    agreed = int(np.array(mx.distributed.all_min(mx.array([runner.info.num_blocks]), group=group, stream=mx.cpu))[0])
+    if agreed != runner.info.num_blocks:
+        runner = ModelRunner.from_model(model, tokenizer, replace(config, num_blocks=agreed), str(path))
+    runner.info = replace(runner.info, tensor_parallel_size=config.tensor_parallel_size,
+                          pipeline_parallel_size=config.pipeline_parallel_size)
     return runner
 
 
 def rank0_runner(config: EngineConfig) -> TensorParallelRunner:
-    group = init_group(config.tensor_parallel_size)
+    group = init_group(config)
     runner = load_sharded(config, group)
-    log.info("tensor parallel: rank 0 of %d, %d KV heads per rank", group.size(), runner.info.num_kv_heads)
+    log.info("model parallel: rank 0 of %d (tensor %d x pipeline %d), %d attention layers and %d KV heads "
+             "on this rank", group.size(), config.tensor_parallel_size, config.pipeline_parallel_size,
+             runner.info.num_layers, runner.info.num_kv_heads)
     tp = TensorParallelRunner(runner, StepChannel(group))
     tp.watch(LOCAL_WORKERS)
     return tp
 
 
 def run_worker(config: EngineConfig) -> int:
-    group = init_group(config.tensor_parallel_size)
+    group = init_group(config)
     _exit_with_parent()
     runner = load_sharded(config, group)
-    log.info("tensor parallel: rank %d of %d ready", group.rank(), group.size())
+    log.info("model parallel: rank %d of %d ready", group.rank(), group.size())
     try:
         return worker_loop(runner, StepChannel(group))
     except RuntimeError as exc:
-        log.error("tensor parallel rank %d: lost rank 0 (%s)", group.rank(), exc)
+        log.error("model parallel rank %d: lost rank 0 (%s)", group.rank(), exc)
         return 1
 
 
@@ -220,15 +244,16 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def launch_local_workers(size: int, argv: list[str], workdir: Path) -> list[subprocess.Popen]:
-    """Start ranks 1..size-1 of a one-machine ring (`python -m shoal serve` with the same
-    flags) and point this process at rank 0. The caller runs rank 0 and ends the workers."""
+def launch_local_workers(size: int, command: list[str], workdir: Path) -> list[subprocess.Popen]:
+    """Start ranks 1..size-1 of a one-machine ring (`python COMMAND`, e.g. `-m shoal serve`
+    with the same flags) and point this process at rank 0. The caller runs rank 0 and ends
+    the workers."""
     hostfile = workdir / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(size)]))
     os.environ[HOSTFILE_ENV], os.environ[RANK_ENV] = str(hostfile), "0"
     workers = []
     for rank in range(1, size):
         env = dict(os.environ, **{RANK_ENV: str(rank), "SHOAL_TP_PARENT": str(os.getpid())})
-        workers.append(subprocess.Popen([sys.executable, "-m", "shoal", "serve", *argv], env=env))
+        workers.append(subprocess.Popen([sys.executable, *command], env=env))
     LOCAL_WORKERS[:] = workers
     return workers

@@ -87,7 +87,8 @@ class ModelInfo:
     kv_cache_bytes: int  # paged K/V plus recurrent state slots
     num_state_slots: int = 0  # recurrent models: one per request that may run at once
     state_bytes: int = 0  # of kv_cache_bytes, the state slots'
-    tensor_parallel_size: int = 1  # ranks sharing the model: KV heads, pool bytes are per rank
+    tensor_parallel_size: int = 1  # ranks sharing each layer: KV heads, pool bytes are per rank
+    pipeline_parallel_size: int = 1  # ranks holding a run of layers each: layers are per rank
 
     @property
     def has_state(self) -> bool:
@@ -108,6 +109,7 @@ class _ProbeCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self.shape, self.dtype = keys.shape, keys.dtype
+        self.keys = keys  # what a pipelined model ties its send to
         return keys, values
 
 
@@ -121,6 +123,8 @@ def probe_kv_layout(model) -> KVLayout:
     logits = model(mx.array([[0]]), cache=probes)
     mx.eval(logits, [p.cache for p in probes if not isinstance(p, _ProbeCache)])
     shapes = {p.shape for p in probes if isinstance(p, _ProbeCache)}
+    if not shapes:
+        raise ValueError(f"{type(model).__module__}: no attention layer (on this pipeline rank)")
     if len(shapes) != 1 or None in shapes:
         raise ValueError(f"layers disagree on KV shape: {shapes}")
     first = next(p for p in probes if isinstance(p, _ProbeCache))

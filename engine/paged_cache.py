@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import mlx.core as mx
+from mlx_lm.models.cache import ArraysCache
 
 from shoal.engine.attention import StepContext
 from shoal.kernels.paged_attention import gather_kv, write_kv
@@ -52,8 +53,17 @@ class PagedKVCache:
     def state(self) -> tuple[mx.array, mx.array]:
         return self.k_pool, self.v_pool
 
+    # What mlx-lm's pipelined models tie the send to (`cache.keys = mx.depends(cache.keys, h)`).
+    @property
+    def keys(self) -> mx.array:
+        return self.k_pool
 
-class PagedStateCache:
+    @keys.setter
+    def keys(self, value: mx.array) -> None:
+        self.k_pool = value
+
+
+class PagedStateCache(ArraysCache):
     """One recurrent layer's view of the state pool (one slot per running request), speaking
     mlx-lm's ArraysCache protocol. `cache[i]` reads this forward's rows' state i from their
     slots (None when every row starts fresh, as a new ArraysCache does); `cache[i] = x` keeps
@@ -63,7 +73,7 @@ class PagedStateCache:
     lengths = None
     left_padding = None
 
-    def __init__(self, pools: list[mx.array]):
+    def __init__(self, pools: list[mx.array]):  # not ArraysCache's: nothing of its state is used
         self.pools = pools
         self.ctx: StepContext | None = None  # unused: states are addressed by slot
         self._slots: mx.array | None = None

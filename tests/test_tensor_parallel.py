@@ -3,7 +3,9 @@
 heads (one of the tiny llama's two KV heads) and half of each MLP. 16 concurrent greedy
 requests through a pool small enough to preempt, chunked prefill and a prefix hit give the
 unsharded model's own tokens; a rank killed mid-service takes the server to exit code 1 with
-an error for the request in flight, not a hang."""
+an error for the request in flight, not a hang. Pipeline parallel 2 (`--pipeline-parallel-size`)
+on a hybrid qwen3_5 model (each rank four layers, three Gated DeltaNet and one attention, with
+their state slots) gives the unsharded model's tokens too."""
 
 from __future__ import annotations
 
@@ -96,3 +98,29 @@ def test_a_lost_rank_ends_the_server_with_an_error(tiny_model_dir: Path, tmp_pat
         if server.process.poll() is None:
             server.process.send_signal(signal.SIGKILL)
             server.process.wait()
+
+
+def test_pipeline_parallel_hybrid_model_matches_the_unsharded_model(tmp_path: Path):
+    from mlx_lm import load
+
+    from shoal.bench.random_model import make_random_model
+
+    model_dir = make_random_model(tmp_path / "qwen3_5", "qwen3_5", hidden_size=64, num_hidden_layers=8,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=64)
+    model, tokenizer = load(str(model_dir))
+    prompts = random_prompts(8, 1, 60, vocab=256, seed=41)
+    expected = [reference_greedy(model, p, MAX_TOKENS, tokenizer.eos_token_ids) for p in prompts]
+    args = [str(model_dir), "--blas", "reference", "--pipeline-parallel-size", "2", "--max-model-len", "256",
+            "--max-num-batched-tokens", "64", "--max-num-seqs", "4"]
+    server = start_server(args, tmp_path / "pp.log")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda p: complete(server, p), prompts))
+        for i, (body, want) in enumerate(zip(results, expected)):
+            assert body["usage"]["completion_tokens"] == len(want), f"request {i}"
+            text = tokenizer.decode([t for t in want if t not in tokenizer.eos_token_ids])
+            assert body["choices"][0]["text"] == text, f"request {i} diverged from the unsharded model"
+        assert httpx.get(server.url("/server_info"), timeout=10).json()["pp_size"] == 2
+    finally:
+        stop_server(server)
+    assert server.process.returncode == 0 and not workers_of(server)

@@ -55,16 +55,20 @@ def workers_of(server: Server) -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
-def test_16_concurrent_requests_match_the_unsharded_model(tp_server: Server, reference):
-    model, tokenizer = reference
-    prompts = random_prompts(16, 1, 90, vocab=256, seed=31)
+def assert_concurrent_match(server: Server, model, tokenizer, prompts: list[list[int]]) -> None:
+    """All prompts at once through the server: mlx-lm's greedy tokens of the unsharded model."""
     expected = [reference_greedy(model, p, MAX_TOKENS, tokenizer.eos_token_ids) for p in prompts]
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda p: complete(tp_server, p), prompts))
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(lambda p: complete(server, p), prompts))
     for i, (body, want) in enumerate(zip(results, expected)):
         assert body["usage"]["completion_tokens"] == len(want), f"request {i}"
         text = tokenizer.decode([t for t in want if t not in tokenizer.eos_token_ids])
         assert body["choices"][0]["text"] == text, f"request {i} diverged from the unsharded model"
+
+
+def test_16_concurrent_requests_match_the_unsharded_model(tp_server: Server, reference):
+    prompts = random_prompts(16, 1, 90, vocab=256, seed=31)
+    assert_concurrent_match(tp_server, *reference, prompts)
     samples = tp_server.metrics()
     assert metric(samples, "vllm:num_preemptions_total") > 0, "the 24-block pool should force preemption"
     again = complete(tp_server, prompts[0] + prompts[1])  # shares prompts[0]'s full blocks when cached
@@ -107,19 +111,11 @@ def test_pipeline_parallel_hybrid_model_matches_the_unsharded_model(tmp_path: Pa
 
     model_dir = make_random_model(tmp_path / "qwen3_5", "qwen3_5", hidden_size=64, num_hidden_layers=8,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=64)
-    model, tokenizer = load(str(model_dir))
-    prompts = random_prompts(8, 1, 60, vocab=256, seed=41)
-    expected = [reference_greedy(model, p, MAX_TOKENS, tokenizer.eos_token_ids) for p in prompts]
     args = [str(model_dir), "--blas", "reference", "--pipeline-parallel-size", "2", "--max-model-len", "256",
             "--max-num-batched-tokens", "64", "--max-num-seqs", "4"]
     server = start_server(args, tmp_path / "pp.log")
     try:
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(lambda p: complete(server, p), prompts))
-        for i, (body, want) in enumerate(zip(results, expected)):
-            assert body["usage"]["completion_tokens"] == len(want), f"request {i}"
-            text = tokenizer.decode([t for t in want if t not in tokenizer.eos_token_ids])
-            assert body["choices"][0]["text"] == text, f"request {i} diverged from the unsharded model"
+        assert_concurrent_match(server, *load(str(model_dir)), random_prompts(8, 1, 60, vocab=256, seed=41))
         assert httpx.get(server.url("/server_info"), timeout=10).json()["pp_size"] == 2
     finally:
         stop_server(server)

@@ -39,9 +39,11 @@ from shoal.engine.async_engine import DeviceLostError
 from shoal.engine.config import EngineConfig
 from shoal.engine.model_runner import ModelRunner
 from shoal.engine.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from shoal.engine.platform import set_blas_threads
 
 log = logging.getLogger("shoal")
 RANK_ENV, HOSTFILE_ENV = "MLX_RANK", "MLX_HOSTFILE"
+BLAS_THREADS_ENV = "OPENBLAS_NUM_THREADS"  # read by a worker's BLAS when it loads
 LOCAL_WORKERS: list[subprocess.Popen] = []  # the ranks `launch_local_workers` started
 
 
@@ -246,11 +248,14 @@ def free_ports(n: int) -> list[int]:
 
 def launch_local_workers(size: int, command: list[str], workdir: Path) -> list[subprocess.Popen]:
     """Start ranks 1..size-1 of a one-machine ring (`python COMMAND`, e.g. `-m shoal serve`
-    with the same flags) and point this process at rank 0. The caller runs rank 0 and ends
-    the workers."""
+    with the same flags) and point this process at rank 0, each rank with its share of the
+    cores for BLAS. The caller runs rank 0 and ends the workers."""
     hostfile = workdir / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(size)]))
     os.environ[HOSTFILE_ENV], os.environ[RANK_ENV] = str(hostfile), "0"
+    threads = max(1, (os.cpu_count() or 1) // size)  # the ranks share this machine's cores
+    os.environ[BLAS_THREADS_ENV] = str(threads)
+    set_blas_threads(threads)
     workers = []
     for rank in range(1, size):
         env = dict(os.environ, **{RANK_ENV: str(rank), "SHOAL_TP_PARENT": str(os.getpid())})

@@ -374,7 +374,7 @@ class ModelRunner:
         for cache in self.caches:
             cache.ctx = ctx
         if self.state_caches:
-            slots = mx.array([r.state_slot for r in rows])
+            slots = [r.state_slot for r in rows]
             fresh = rows[0].start_pos == 0  # the same for every row of the forward
             for cache in self.state_caches:
                 cache.begin(slots, fresh)

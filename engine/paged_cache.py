@@ -76,19 +76,21 @@ class PagedStateCache(ArraysCache):
     def __init__(self, pools: list[mx.array]):  # not ArraysCache's: nothing of its state is used
         self.pools = pools
         self.ctx: StepContext | None = None  # unused: states are addressed by slot
-        self._slots: mx.array | None = None
+        self._slots: list[int] = []
+        self._index: mx.array | None = None
         self._fresh = True
         self._values: list[mx.array | None] = []  # this forward's reads and writes
         self._pending: list[tuple[mx.array, int, mx.array]] = []  # (slots, index, value) per write
 
-    def begin(self, slots: mx.array, fresh: bool) -> None:
+    def begin(self, slots: list[int], fresh: bool) -> None:
         """Address the next forward's rows: their slots, and whether they all start fresh."""
         self._slots, self._fresh = slots, fresh
+        self._index = mx.array(slots)
         self._values = [None] * len(self.pools)
 
     def __getitem__(self, i: int) -> mx.array | None:
         if self._values[i] is None and not self._fresh:
-            self._values[i] = self.pools[i][self._slots]
+            self._values[i] = self.pools[i][self._index]
         return self._values[i]
 
     def __setitem__(self, i: int, value: mx.array) -> None:
@@ -105,9 +107,13 @@ class PagedStateCache(ArraysCache):
         return [value for _, _, value in self._pending]
 
     def commit(self) -> None:
-        """Write the step's new states into their slots (a later write to a slot wins)."""
+        """Write the step's new states into their slots (a later write to a slot wins), one
+        slice per run of consecutive slots: MLX's CPU scatter of 32 rows of a Qwen3.5 delta
+        state took 38 ms a layer, the same rows as slices 3 ms."""
         for slots, i, value in self._pending:
-            self.pools[i][slots] = value.astype(self.pools[i].dtype)
+            value = value.astype(self.pools[i].dtype)
+            for start, end, row in _runs(slots):
+                self.pools[i][start:end] = value[row:row + end - start]
         if self._pending:
             mx.async_eval(self.pools)
         self._pending = []
@@ -118,6 +124,16 @@ class PagedStateCache(ArraysCache):
     @property
     def state(self) -> list[mx.array]:
         return self.pools
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(first slot, last slot + 1, first row) of each run of consecutive slots, in row order."""
+    runs, row = [], 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((slots[row], slots[i - 1] + 1, row))
+            row = i
+    return runs
 
 
 def install_attention(model) -> None:

@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--systems", nargs="+", default=["shoal", "mlx_lm_batch", "mlx_lm_single"])
     parser.add_argument("--single-cap", type=int, default=2)
+    parser.add_argument("--mlx-prefill-batch-size", type=int, default=None,
+                        help="prompts mlx-lm's BatchGenerator prefills together (default: all; mlx-lm's own "
+                             "default is 8, better for recurrent models on CPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--blas", default="auto")
     parser.add_argument("--json", type=Path, default=None)
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     from shoal.bench.offline_peers import random_prompts, run_mlx_lm_batch, run_mlx_lm_single
 
     model, tokenizer, path = load_bench_model(args.model)
-    runners = {"shoal": run_shoal, "mlx_lm_batch": lambda m, t, p, n: run_mlx_lm_batch(m, p, n),
+    runners = {"shoal": run_shoal, "mlx_lm_batch": lambda m, t, p, n: run_mlx_lm_batch(m, p, n, args.mlx_prefill_batch_size),
                "mlx_lm_single": lambda m, t, p, n: run_mlx_lm_single(m, p[:args.single_cap], n)}
     print(f"# {blas}; model {path}; {platform.machine()} {platform.processor() or ''}; "
           f"prompt {args.prompt_len}, new tokens {args.max_tokens}", flush=True)

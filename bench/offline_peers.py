@@ -59,8 +59,10 @@ def run_mlx_lm_single(model: nn.Module, prompts: list[list[int]], max_tokens: in
     return _result(tokens, time.perf_counter() - start)
 
 
-def _generate_batch(model: nn.Module, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Greedy-generate exactly ``max_tokens`` ids per prompt, all prompts in one BatchGenerator."""
+def _generate_batch(model: nn.Module, prompts: list[list[int]], max_tokens: int,
+                    prefill_batch_size: int | None = None) -> list[list[int]]:
+    """Greedy-generate exactly ``max_tokens`` ids per prompt, all prompts in one BatchGenerator
+    (prefilled ``prefill_batch_size`` at a time; default: all together)."""
     n = len(prompts)
     # stop_tokens=None gives an empty stop automaton, so only max_tokens ends a sequence.
     gen = BatchGenerator(
@@ -68,7 +70,7 @@ def _generate_batch(model: nn.Module, prompts: list[list[int]], max_tokens: int)
         max_tokens=max_tokens,
         stop_tokens=None,
         completion_batch_size=n,
-        prefill_batch_size=n,
+        prefill_batch_size=min(n, prefill_batch_size or n),
     )
     try:
         uids = gen.insert(prompts, max_tokens=[max_tokens] * n)
@@ -84,9 +86,10 @@ def _generate_batch(model: nn.Module, prompts: list[list[int]], max_tokens: int)
         gen.close()
 
 
-def run_mlx_lm_batch(model: nn.Module, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+def run_mlx_lm_batch(model: nn.Module, prompts: list[list[int]], max_tokens: int,
+                     prefill_batch_size: int | None = None) -> dict[str, Any]:
     """Time mlx-lm's ``BatchGenerator`` decoding all ``prompts`` together, ``max_tokens`` each."""
-    _generate_batch(model, _warmup_prompts(prompts), _WARMUP_TOKENS)
+    _generate_batch(model, _warmup_prompts(prompts), _WARMUP_TOKENS, prefill_batch_size)
     start = time.perf_counter()
-    tokens = _generate_batch(model, prompts, max_tokens)
+    tokens = _generate_batch(model, prompts, max_tokens, prefill_batch_size)
     return _result(tokens, time.perf_counter() - start)

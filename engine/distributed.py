@@ -188,9 +188,12 @@ def load_sharded(config: EngineConfig, group) -> ModelRunner:
     runner = ModelRunner.from_model(model, tokenizer, config, str(path))
     # Every rank must have the blocks rank 0's scheduler hands out: a pipeline rank with fewer
     # layers would fit more in the same memory, so all take the smallest count.
-    agreed = int(np.array(mx.distributed.all_min(mx.array([runner.info.num_blocks]), group=group, stream=mx.cpu))[0])
-    if agreed != runner.info.num_blocks:
-        runner = ModelRunner.from_model(model, tokenizer, replace(config, num_blocks=agreed), str(path))
+    # Every rank rebuilds or none does: the rebuild's probe forward has collectives of its own.
+    counts = mx.array([runner.info.num_blocks])
+    low = int(np.array(mx.distributed.all_min(counts, group=group, stream=mx.cpu))[0])
+    high = int(np.array(mx.distributed.all_max(counts, group=group, stream=mx.cpu))[0])
+    if low != high:
+        runner = ModelRunner.from_model(model, tokenizer, replace(config, num_blocks=low), str(path))
     runner.info = replace(runner.info, tensor_parallel_size=config.tensor_parallel_size,
                           pipeline_parallel_size=config.pipeline_parallel_size)
     return runner

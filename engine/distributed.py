@@ -1,6 +1,7 @@
-"""Tensor parallelism over `mx.distributed` (the ring backend over TCP here; JACCL over
-Thunderbolt on Macs). Every rank holds its shard of the weights (mlx-lm's `model.shard`) and
-of the KV heads in its own paged pool; rank 0 runs HTTP, the scheduler and sampling, and sends
+"""Tensor and pipeline parallelism over `mx.distributed` (the ring backend over TCP here;
+JACCL over Thunderbolt on Macs). Every rank holds its shard of the weights (mlx-lm's
+`model.shard`, or a run of layers with its `pipeline`) and of the KV heads or layers in its own
+paged pool; rank 0 runs HTTP, the scheduler and sampling, and sends
 each step to the other ranks, which run the same forward: the layers' all-reduces need every
 rank, and equal inputs keep every rank's pool in step.
 
@@ -83,7 +84,7 @@ def _scheduled(rows: list[tuple]) -> tuple[ScheduledRequest, ...]:
                  for t, s, b, slot in rows)
 
 
-class TensorParallelRunner:
+class ModelParallelRunner:
     """Rank 0's model runner: each step goes to the other ranks first, then runs here."""
 
     def __init__(self, runner: ModelRunner, channel: StepChannel):
@@ -199,13 +200,13 @@ def load_sharded(config: EngineConfig, group) -> ModelRunner:
     return runner
 
 
-def rank0_runner(config: EngineConfig) -> TensorParallelRunner:
+def rank0_runner(config: EngineConfig) -> ModelParallelRunner:
     group = init_group(config)
     runner = load_sharded(config, group)
     log.info("model parallel: rank 0 of %d (tensor %d x pipeline %d), %d attention layers and %d KV heads "
              "on this rank", group.size(), config.tensor_parallel_size, config.pipeline_parallel_size,
              runner.info.num_layers, runner.info.num_kv_heads)
-    tp = TensorParallelRunner(runner, StepChannel(group))
+    tp = ModelParallelRunner(runner, StepChannel(group))
     tp.watch(LOCAL_WORKERS)
     return tp
 

@@ -247,6 +247,7 @@ class ModelRunner:
         num_slots = info.num_blocks * info.block_size
         self.num_slots = num_slots
         self.caches = [self._make_cache(kind, layout, num_slots) for kind in layout.kinds]
+        self.kv_caches = [c for c in self.caches if isinstance(c, PagedKVCache)]
         self.state_caches = [c for c in self.caches if isinstance(c, PagedStateCache)]
         mx.eval([c.state for c in self.caches])
         self.sampler = Sampler(info.vocab_size, seed)
@@ -343,8 +344,7 @@ class ModelRunner:
 
     def _pending(self) -> list:
         """What a forward computed into the pools: K/V (written in place) and new states."""
-        return [c.state for c in self.caches if isinstance(c, PagedKVCache)] + \
-            [c.pending_values() for c in self.state_caches]
+        return [c.state for c in self.kv_caches] + [c.pending_values() for c in self.state_caches]
 
     def _forward(self, rows: tuple[ScheduledRequest, ...]) -> mx.array:
         """Logits (R, V) at each row's last scheduled token, in row order."""
@@ -371,7 +371,7 @@ class ModelRunner:
         for i, r in enumerate(rows):
             tokens[i, :lengths[i]] = r.token_ids
         ctx = self.attention.step_context([r.block_ids for r in rows], [r.start_pos for r in rows], lengths)
-        for cache in self.caches:
+        for cache in self.kv_caches:
             cache.ctx = ctx
         if self.state_caches:
             slots = [r.state_slot for r in rows]

@@ -75,12 +75,11 @@ class PagedStateCache(ArraysCache):
 
     def __init__(self, pools: list[mx.array]):  # not ArraysCache's: nothing of its state is used
         self.pools = pools
-        self.ctx: StepContext | None = None  # unused: states are addressed by slot
         self._slots: list[int] = []
         self._index: mx.array | None = None
         self._fresh = True
         self._values: list[mx.array | None] = []  # this forward's reads and writes
-        self._pending: list[tuple[mx.array, int, mx.array]] = []  # (slots, index, value) per write
+        self._pending: list[tuple[list[int], int, mx.array]] = []  # (slots, index, value) per write
 
     def begin(self, slots: list[int], fresh: bool) -> None:
         """Address the next forward's rows: their slots, and whether they all start fresh."""

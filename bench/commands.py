@@ -182,13 +182,10 @@ def run_serve_bench(args: argparse.Namespace) -> int:
 
 
 def resolve_model(model: str) -> str:
-    """A model directory; `smollm2-shape` is built once (random weights) in Shoal's cache."""
-    if model != SMOLLM2_SHAPE:
-        return model
-    from shoal.bench.random_model import make_random_model, smollm2_shape
-    from shoal.engine.default_model import default_cache_dir
+    """A model directory; a bench shape (`smollm2-shape`, ...) is built once in Shoal's cache."""
+    from shoal.bench.offline import BENCH_SHAPES, bench_model_path
 
-    return str(make_random_model(default_cache_dir() / "bench-models" / SMOLLM2_SHAPE, "llama", **smollm2_shape()))
+    return bench_model_path(model) if model in BENCH_SHAPES else model
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -49,9 +49,8 @@ BENCH_SHAPES = {"smollm2-shape": ("llama", "smollm2_shape"), "gemma3-shape": ("g
                 "qwen3.5-shape": ("qwen3_5", "qwen3_5_shape"), "qwen3-shape": ("qwen3", "qwen3_shape")}
 
 
-def load_bench_model(model_arg: str):
-    from mlx_lm import load
-
+def bench_model_path(model_arg: str) -> str:
+    """A model directory: a bench shape is built once (random weights) in Shoal's cache."""
     if model_arg in BENCH_SHAPES:
         from shoal.bench import random_model
         from shoal.engine.default_model import default_cache_dir
@@ -63,10 +62,15 @@ def load_bench_model(model_arg: str):
         from shoal.engine.loader import resolve_model_path
 
         path = resolve_model_path(None if model_arg == "default" else model_arg)
+    return str(path)
+
+
+def load_bench_model(model_arg: str):
     from shoal.engine.loader import load_model
 
-    model, tokenizer, _ = load_model(str(path))
-    return model, tokenizer, str(path)
+    path = bench_model_path(model_arg)
+    model, tokenizer, _ = load_model(path)
+    return model, tokenizer, path
 
 
 def main(argv: list[str] | None = None) -> None:

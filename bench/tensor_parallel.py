@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -59,17 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     blas = preload_blas(args.blas)
-    import os
-
-    from shoal.bench.offline import BENCH_SHAPES, load_bench_model
+    from shoal.bench.offline import bench_model_path
     from shoal.bench.offline_peers import random_prompts
     from shoal.engine import distributed
     from shoal.engine.config import EngineConfig
     from shoal.engine.llm import LLM
     from shoal.engine.model_runner import ModelRunner
 
-    model_dir = str(Path(load_bench_model(args.model)[2])) if args.model in BENCH_SHAPES else args.model
-    config = EngineConfig(model=model_dir, max_num_seqs=args.batch, kv_cache_bytes=2**30, max_model_len=1024,
+    config = EngineConfig(model=bench_model_path(args.model), max_num_seqs=args.batch, kv_cache_bytes=2**30, max_model_len=1024,
                           enable_prefix_caching=False, tensor_parallel_size=args.tp)
     if distributed.RANK_ENV in os.environ and os.environ[distributed.RANK_ENV] != "0":
         return distributed.run_worker(config)

@@ -88,6 +88,14 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                         "529 overloaded_error (Anthropic); 0: no bound")
     p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="no_prefix_caching",
                    action="store_true", help="turn off prefix caching (shared prompt blocks)")
+    p.add_argument("--num-state-snapshots", type=int, default=None, metavar="N",
+                   help="recurrent (hybrid) models: states kept at block boundaries so a prompt can "
+                        "reuse a cached prefix (default: a quarter of the KV memory the per-request "
+                        "states leave); 0 turns prefix caching off for such models")
+    p.add_argument("--snapshot-interval", type=positive_int, default=EngineConfig.snapshot_interval,
+                   metavar="TOKENS", help="recurrent models: a state snapshot every this many tokens of "
+                                          "a long prompt (whole blocks), besides one at the prompt's last "
+                                          "full block and at the end of each answer")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "gather", "cascade"],
                    help="auto: cascade attention where rows share a long prefix of KV blocks, "
                         "the gather path elsewhere; gather: never cascade; cascade: wherever two "
@@ -243,7 +251,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         prefill_budget_while_decoding=args.prefill_budget_while_decoding,
         enable_prefix_caching=not args.no_prefix_caching, dtype=args.dtype, seed=args.seed,
         attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests,
-        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size)
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        num_state_snapshots=args.num_state_snapshots, snapshot_interval=args.snapshot_interval)
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:

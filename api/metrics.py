@@ -84,6 +84,15 @@ class PrometheusStatLogger:
                                      "Prefix cache queries, in terms of number of queried tokens.")
         self.cache_hits = counter("vllm:prefix_cache_hits",
                                   "Prefix cache hits, in terms of number of cached tokens.")
+        # Hybrid (recurrent) models: prefix hits need a state snapshot where the hit ends.
+        self.snapshot_hits = counter("shoal:state_snapshot_hits",
+                                     "Admissions of a recurrent model restored from a state snapshot.")
+        self.snapshot_misses = counter("shoal:state_snapshot_misses",
+                                       "Admissions of a recurrent model that found no state snapshot.")
+        self.snapshot_evictions = counter("shoal:state_snapshot_evictions",
+                                          "State snapshots dropped for room or with their KV block.")
+        self.snapshot_usage = gauge("shoal:state_snapshot_usage_perc",
+                                    "State snapshot pool usage. 1 means 100 percent usage.")
         success = Counter("vllm:request_success", "Count of successfully processed requests.",
                           [*LABELS, "finished_reason"], registry=registry)
         self.success = {reason: success.labels(*self.labels, reason) for reason in FINISH_REASONS}
@@ -139,6 +148,10 @@ class PrometheusStatLogger:
         self.preemptions.inc(iteration.num_preemptions)
         self.cache_queries.inc(iteration.prefix_cache_queries)
         self.cache_hits.inc(iteration.prefix_cache_hits)
+        self.snapshot_hits.inc(iteration.snapshot_hits)
+        self.snapshot_misses.inc(iteration.snapshot_misses)
+        self.snapshot_evictions.inc(iteration.snapshot_evictions)
+        self.snapshot_usage.set(scheduler.snapshot_usage)
         if iteration.num_batched_tokens:
             self.iteration_tokens.observe(iteration.num_batched_tokens)
         for seconds in iteration.time_to_first_tokens:

@@ -126,6 +126,9 @@ class AsyncEngine:
         info = self.info
         state = (f", recurrent state {info.num_state_slots} slots ({info.state_bytes / 2**30:.2f} GiB of it)"
                  if info.has_state else "")
+        if info.num_state_snapshots:
+            state += (f" and {info.num_state_snapshots} snapshots x {info.snapshot_bytes / info.num_state_snapshots / 2**20:.1f}"
+                      f" MiB for prefix caching ({info.snapshot_bytes / 2**30:.2f} GiB)")
         ranks = info.tensor_parallel_size * info.pipeline_parallel_size
         per_rank = f" on each of {ranks} ranks" if ranks > 1 else ""
         log.info("engine ready: %s, %d attention layers, %s, KV pool %d blocks x %d tokens (%.2f GiB%s%s), "

@@ -10,7 +10,7 @@ runner. Block 0 is the null block: padding tokens write there and it is never ha
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 
 class Block:
@@ -79,6 +79,7 @@ class BlockPool:
         self.null_block = self.blocks[0]
         self.free_queue = FreeBlockQueue(self.blocks[1:])
         self.cached: dict[Hashable, Block] = {}
+        self.on_evict: Callable[[Hashable], None] | None = None  # told each key that leaves the cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -145,4 +146,6 @@ class BlockPool:
     def _evict(self, block: Block) -> None:
         if block.block_hash is not None:
             del self.cached[block.block_hash]
+            if self.on_evict is not None:
+                self.on_evict(block.block_hash)
             block.block_hash = None

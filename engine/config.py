@@ -25,6 +25,9 @@ class EngineConfig:
     max_waiting_requests: int = 1024  # past this many queued, new requests are refused; 0 = no bound
     tensor_parallel_size: int = 1  # ranks of mx.distributed sharing every layer (engine/distributed.py)
     pipeline_parallel_size: int = 1  # ranks of mx.distributed holding a run of layers each
+    # Recurrent (hybrid) models: states kept at block boundaries so prefixes can be reused.
+    num_state_snapshots: int | None = None  # None = a quarter of the KV memory the state slots leave
+    snapshot_interval: int = 512  # tokens between snapshots in a long prompt (whole blocks)
 
     def __post_init__(self) -> None:
         checks = [
@@ -38,6 +41,9 @@ class EngineConfig:
              "tensor_parallel_size and pipeline_parallel_size must be >= 1"),
             (self.max_waiting_requests >= 0, "max_waiting_requests must be >= 0 (0: no bound)"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
+            (self.num_state_snapshots is None or self.num_state_snapshots >= 0, "num_state_snapshots must be >= 0"),
+            (self.snapshot_interval >= self.block_size,
+             f"snapshot_interval must be at least block_size ({self.block_size}), got {self.snapshot_interval}"),
             (self.dtype in ("auto", "float32", "float16", "bfloat16"), f"unknown dtype {self.dtype!r}"),
             (self.attention_backend in ("auto", "gather", "cascade"),
              f"attention_backend must be auto, gather or cascade, got {self.attention_backend!r}"),

@@ -8,8 +8,9 @@ rank, and equal inputs keep every rank's pool in step.
     rank 0   schedule -> send step -> forward (all_sum per layer) -> sample -> update
     rank k               recv step -> forward (all_sum per layer)
 
-A step message carries the rows (tokens, positions, block table, state slot) and whether the
-previous step succeeded, so workers commit or drop recurrent state exactly as rank 0 did.
+A step message carries the rows (tokens, positions, block table, state slot, the state snapshots
+to restore and take) and whether the previous step succeeded, so workers commit or drop
+recurrent state, and keep snapshots of their own layers' states, exactly as rank 0 did.
 
 A lost rank ends the server with exit code 1 and an error for every request in flight: a
 collective that fails at once raises DeviceLostError; one that hangs (MLX's ring backend can
@@ -75,13 +76,15 @@ class StepChannel:
 
 
 def _rows(sched: SchedulerOutput) -> list[tuple]:
-    return [(r.token_ids, r.start_pos, r.block_ids, r.state_slot) for r in sched.scheduled]
+    return [(r.token_ids, r.start_pos, r.block_ids, r.state_slot, r.restore_snapshot, r.take_snapshot)
+            for r in sched.scheduled]
 
 
 def _scheduled(rows: list[tuple]) -> tuple[ScheduledRequest, ...]:
     return tuple(ScheduledRequest(request_id="", token_ids=t, start_pos=s, block_ids=b, sample=False,
-                                  params=None, history=None, num_prompt_tokens=0, state_slot=slot)
-                 for t, s, b, slot in rows)
+                                  params=None, history=None, num_prompt_tokens=0, state_slot=slot,
+                                  restore_snapshot=restore, take_snapshot=take)
+                 for t, s, b, slot, restore, take in rows)
 
 
 class ModelParallelRunner:
@@ -189,12 +192,14 @@ def load_sharded(config: EngineConfig, group) -> ModelRunner:
     runner = ModelRunner.from_model(model, tokenizer, config, str(path))
     # Every rank must have the blocks rank 0's scheduler hands out: a pipeline rank with fewer
     # layers would fit more in the same memory, so all take the smallest count.
+    # Likewise the state snapshots (each rank keeps its own layers' states under the same ids).
     # Every rank rebuilds or none does: the rebuild's probe forward has collectives of its own.
-    counts = mx.array([runner.info.num_blocks])
-    low = int(np.array(mx.distributed.all_min(counts, group=group, stream=mx.cpu))[0])
-    high = int(np.array(mx.distributed.all_max(counts, group=group, stream=mx.cpu))[0])
+    counts = mx.array([runner.info.num_blocks, runner.info.num_state_snapshots])
+    low = np.array(mx.distributed.all_min(counts, group=group, stream=mx.cpu)).tolist()
+    high = np.array(mx.distributed.all_max(counts, group=group, stream=mx.cpu)).tolist()
     if low != high:
-        runner = ModelRunner.from_model(model, tokenizer, replace(config, num_blocks=low), str(path))
+        agreed = replace(config, num_blocks=low[0], num_state_snapshots=low[1])
+        runner = ModelRunner.from_model(model, tokenizer, agreed, str(path))
     runner.info = replace(runner.info, tensor_parallel_size=config.tensor_parallel_size,
                           pipeline_parallel_size=config.pipeline_parallel_size)
     return runner

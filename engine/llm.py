@@ -23,17 +23,18 @@ log = logging.getLogger("shoal")
 def scheduler_config(config: EngineConfig, runner: ModelRunner) -> SchedulerConfig:
     info = runner.info
     prefix_caching = config.enable_prefix_caching
-    if prefix_caching and info.has_state:
+    if prefix_caching and info.has_state and not info.num_state_snapshots:
         # A prefix hit would skip tokens whose effect on the recurrent state was never kept.
-        log.info("prefix caching is off: the model has recurrent layers, whose state is kept per "
-                 "request, not per block")
+        log.info("prefix caching is off: the model has recurrent layers and no memory is left for "
+                 "state snapshots (raise --kv-cache-memory or set --num-state-snapshots)")
         prefix_caching = False
     return SchedulerConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=info.max_model_len, block_size=info.block_size, num_blocks=info.num_blocks,
         enable_prefix_caching=prefix_caching,
         prefill_budget_while_decoding=config.prefill_budget_while_decoding,
-        num_state_slots=info.num_state_slots)
+        num_state_slots=info.num_state_slots, num_state_snapshots=info.num_state_snapshots,
+        snapshot_interval=config.snapshot_interval)
 
 
 def make_scheduler(config: EngineConfig, runner: ModelRunner) -> tuple[Scheduler, StructuredOutputManager]:

@@ -87,6 +87,8 @@ class ModelInfo:
     kv_cache_bytes: int  # paged K/V plus recurrent state slots
     num_state_slots: int = 0  # recurrent models: one per request that may run at once
     state_bytes: int = 0  # of kv_cache_bytes, the state slots'
+    num_state_snapshots: int = 0  # recurrent models: states kept at block boundaries (prefix caching)
+    snapshot_bytes: int = 0  # of kv_cache_bytes, the snapshots'
     tensor_parallel_size: int = 1  # ranks sharing each layer: KV heads, pool bytes are per rank
     pipeline_parallel_size: int = 1  # ranks holding a run of layers each: layers are per rank
 
@@ -233,6 +235,27 @@ def plan_unpadded(lengths: list[int], fresh: list[bool]) -> list[list[int]]:
     return list(groups.values())
 
 
+SNAPSHOT_SHARE = 0.25  # of the KV memory left after the state slots, by default
+
+
+def num_state_snapshots(config: EngineConfig, state_bytes: int, slots_bytes: int, per_block: int) -> int:
+    """How many recurrent-state snapshots prefix caching keeps: `num_state_snapshots` if set,
+    else a quarter of the KV memory the state slots leave (with `num_blocks` forced, as tests
+    do, two per running request); 0 without recurrent layers or prefix caching."""
+    if not state_bytes or not config.enable_prefix_caching:
+        return 0
+    if config.num_state_snapshots is not None:
+        wanted = config.num_state_snapshots
+        if config.num_blocks is None and config.kv_cache_bytes < slots_bytes + wanted * state_bytes + 2 * per_block:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} cannot hold {wanted} state snapshots of "
+                             f"{state_bytes} bytes beside the state slots and two KV blocks: raise the KV "
+                             "memory or lower --num-state-snapshots")
+        return wanted
+    if config.num_blocks is not None:
+        return 2 * config.max_num_seqs
+    return int((config.kv_cache_bytes - slots_bytes) * SNAPSHOT_SHARE) // state_bytes
+
+
 def _max_position(model) -> int | None:
     args = getattr(model, "args", None)
     return getattr(args, "max_position_embeddings", None)
@@ -253,12 +276,15 @@ class ModelRunner:
         self.sampler = Sampler(info.vocab_size, seed)
         self._last = LastPositions.install(model)
         self.attention = AttentionSelector(attention_backend, info.block_size, num_slots, layout.num_kv_heads)
+        self._takes: list[tuple[int, int]] = []  # (state slot, snapshot) to copy once the step commits
         install_attention(model)
 
     def _make_cache(self, kind: CacheKind, layout: KVLayout, num_slots: int):
         if isinstance(kind, StateSpec):
-            return PagedStateCache([mx.zeros((self.info.num_state_slots, *shape), dtype)
-                                    for shape, dtype in zip(kind.shapes, kind.dtypes)])
+            def pool(n: int) -> list[mx.array]:
+                return [mx.zeros((n, *shape), dtype) for shape, dtype in zip(kind.shapes, kind.dtypes)]
+            snapshots = self.info.num_state_snapshots
+            return PagedStateCache(pool(self.info.num_state_slots), pool(snapshots) if snapshots else None)
         shape = (layout.num_kv_heads * num_slots, layout.head_dim)
         return PagedKVCache(mx.zeros(shape, layout.dtype), mx.zeros(shape, layout.dtype), layout.num_kv_heads, kind)
 
@@ -270,8 +296,8 @@ class ModelRunner:
     @classmethod
     def from_model(cls, model, tokenizer, config: EngineConfig, path: str = "") -> ModelRunner:
         layout = probe_kv_layout(model)
-        # Recurrent state: one slot per request that can run at once, taken from the KV memory
-        # before it is cut into blocks.
+        # Recurrent state: one slot per request that can run at once, and the snapshots that
+        # prefix caching keeps, taken from the KV memory before it is cut into blocks.
         num_state_slots = config.max_num_seqs if layout.state_bytes else 0
         state_bytes = num_state_slots * layout.state_bytes
         per_block = layout.bytes_per_block(config.block_size)
@@ -279,7 +305,9 @@ class ModelRunner:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} cannot hold the recurrent state of "
                              f"max_num_seqs={config.max_num_seqs} requests ({state_bytes} bytes) and two "
                              "KV blocks: raise the KV memory or lower max_num_seqs")
-        num_blocks = config.num_blocks or max(2, (config.kv_cache_bytes - state_bytes) // per_block)
+        num_snapshots = num_state_snapshots(config, layout.state_bytes, state_bytes, per_block)
+        snapshot_bytes = num_snapshots * layout.state_bytes
+        num_blocks = config.num_blocks or max(2, (config.kv_cache_bytes - state_bytes - snapshot_bytes) // per_block)
         wanted_len = config.max_model_len or _max_position(model)
         if config.num_blocks is None and wanted_len:
             # No more than max_num_seqs full-length sequences can use: small models would
@@ -293,8 +321,9 @@ class ModelRunner:
             dtype=str(layout.dtype).removeprefix("mlx.core."), num_blocks=num_blocks,
             block_size=config.block_size, max_model_len=max_model_len,
             eos_token_ids=frozenset(tokenizer.eos_token_ids),
-            kv_cache_bytes=num_blocks * per_block + state_bytes,
-            num_state_slots=num_state_slots, state_bytes=state_bytes)
+            kv_cache_bytes=num_blocks * per_block + state_bytes + snapshot_bytes,
+            num_state_slots=num_state_slots, state_bytes=state_bytes,
+            num_state_snapshots=num_snapshots, snapshot_bytes=snapshot_bytes)
         return cls(model, tokenizer, info, layout, config.seed, config.attention_backend)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -314,16 +343,31 @@ class ModelRunner:
         return out
 
     def end_step(self, ok: bool) -> None:
-        """Commit the recurrent state a step computed, or drop it after a failed step."""
+        """Commit the recurrent state a step computed, or drop it after a failed step; then
+        keep the snapshots the step was asked to take (only if it succeeded)."""
+        takes, self._takes = self._takes, []
         for cache in self.state_caches:
             cache.commit() if ok else cache.discard()
+            if ok:
+                cache.take(takes)
+
+    def _begin_step(self, rows: tuple[ScheduledRequest, ...]) -> None:
+        """Restore the snapshots rows start from into their slots; note those to take."""
+        if not self.state_caches:
+            return
+        restores = [(r.state_slot, r.restore_snapshot) for r in rows if r.restore_snapshot is not None]
+        self._takes = [(r.state_slot, r.take_snapshot) for r in rows if r.take_snapshot is not None]
+        for cache in self.state_caches:
+            cache.restore(restores)
 
     def forward_only(self, rows: tuple[ScheduledRequest, ...]) -> None:
         """A tensor-parallel worker's share of a step: the forward and its all-reduces
         (evaluated to the logits: the last layer's all-reduce feeds them); rank 0 samples."""
+        self._begin_step(rows)
         mx.eval(self._forward(rows), self._pending())
 
     def _execute(self, rows: tuple[ScheduledRequest, ...]) -> ModelRunnerOutput:
+        self._begin_step(rows)
         logits = self._forward(rows)
         sample_idx = [i for i, r in enumerate(rows) if r.sample]
         pending = self._pending()

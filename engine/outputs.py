@@ -28,6 +28,8 @@ class ScheduledRequest:
     num_prompt_tokens: int
     processors: tuple = ()  # LogitsProcessors of a row that samples (engine/logits_process.py)
     state_slot: int = -1  # models with recurrent layers: the request's state slot
+    restore_snapshot: int | None = None  # copy this state snapshot into the slot first (a prefix hit)
+    take_snapshot: int | None = None  # copy the slot's state after the step into this snapshot
 
 
 @dataclass(frozen=True)

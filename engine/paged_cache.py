@@ -68,13 +68,16 @@ class PagedStateCache(ArraysCache):
     mlx-lm's ArraysCache protocol. `cache[i]` reads this forward's rows' state i from their
     slots (None when every row starts fresh, as a new ArraysCache does); `cache[i] = x` keeps
     the new state pending until the runner commits the step. Rows are never padded
-    (`plan_unpadded`), so `lengths` is None and no mask is needed."""
+    (`plan_unpadded`), so `lengths` is None and no mask is needed. `snapshots` holds copies of
+    states at block boundaries (prefix caching): restored into a slot, taken from one."""
 
     lengths = None
     left_padding = None
 
-    def __init__(self, pools: list[mx.array]):  # not ArraysCache's: nothing of its state is used
+    def __init__(self, pools: list[mx.array], snapshots: list[mx.array] | None = None):
+        # Not ArraysCache's constructor: nothing of its state is used.
         self.pools = pools
+        self.snapshots = snapshots or []
         self._slots: list[int] = []
         self._index: mx.array | None = None
         self._fresh = True
@@ -120,9 +123,23 @@ class PagedStateCache(ArraysCache):
     def discard(self) -> None:
         self._pending = []
 
+    def restore(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy snapshots into slots, (slot, snapshot) each, before a forward reads them."""
+        for slot, snap in pairs:
+            for pool, snapshots in zip(self.pools, self.snapshots):
+                pool[slot] = snapshots[snap]
+
+    def take(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy committed slots into snapshots, (slot, snapshot) each."""
+        for slot, snap in pairs:
+            for pool, snapshots in zip(self.pools, self.snapshots):
+                snapshots[snap] = pool[slot]
+        if pairs:
+            mx.async_eval(self.snapshots)
+
     @property
     def state(self) -> list[mx.array]:
-        return self.pools
+        return self.pools + self.snapshots
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int, int]]:

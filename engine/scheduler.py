@@ -9,6 +9,10 @@ decodes, prompt tokens (chunks, admissions, recompute) get at most
 `prefill_budget_while_decoding` of it, so decodes keep a bounded step time under a burst.
 A partial prompt chunk still exhausts what prompt budget there is, so a request that shares
 a prefix still being computed is admitted only in a later step, once those blocks exist.
+
+Models with recurrent layers hit the prefix cache where a state snapshot exists: their prompt
+chunks end at snapshot boundaries (the state is only known at a chunk's end), and a waiting
+request whose prompt another running request is computing up to such a boundary waits for it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class SchedulerConfig:
     # Prompt tokens per step while any request decodes (max_num_batched_tokens when none does).
     prefill_budget_while_decoding: int = 512
     num_state_slots: int = 0  # models with recurrent layers: one state slot per running request
+    num_state_snapshots: int = 0  # of those models, states kept at block boundaries for prefix hits
+    snapshot_interval: int = 512  # tokens between snapshots in a long prompt (rounded to blocks)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.prefill_budget_while_decoding < 1:
@@ -62,7 +68,8 @@ class Scheduler:
         self.config = config
         self._make_processors = processors
         self.pool = BlockPool(config.num_blocks, config.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool, config.block_size, config.num_state_slots)
+        self.kv = KVCacheManager(self.pool, config.block_size, config.num_state_slots,
+                                 config.num_state_snapshots, config.snapshot_interval)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -120,15 +127,20 @@ class Scheduler:
         return self._make_output(scheduled)
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
+        held: list[Request] = []  # waiting for a snapshot another request is computing
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             hits = self.kv.get_computed_blocks(request)
+            if self.kv.prefix_in_flight(request, len(hits)):
+                held.append(self.waiting.popleft())
+                continue
             num_cached = len(hits) * self.config.block_size
-            num_new = min(request.num_tokens - num_cached, budget)
+            num_new = self._num_new_tokens(request, budget, num_cached)
             if not self.kv.allocate_slots(request, num_new, hits):
                 break
             self.waiting.popleft()
             self.kv.record_lookup(request.num_tokens, num_cached)
+            self.kv.register_prefill(request, len(hits))
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached
                 self.stats.num_prompt_tokens += request.num_prompt_tokens
@@ -138,9 +150,13 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(held))
 
-    def _num_new_tokens(self, request: Request, budget: int) -> int:
-        return min(request.num_tokens - request.num_computed_tokens, budget)
+    def _num_new_tokens(self, request: Request, budget: int, start: int | None = None) -> int:
+        start = request.num_computed_tokens if start is None else start
+        num_new = min(request.num_tokens - start, budget)
+        boundary = self.kv.next_boundary(request, start)  # recurrent models: end at a snapshot
+        return num_new if boundary is None else min(num_new, boundary - start)
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
@@ -166,6 +182,8 @@ class Scheduler:
             num_prompt_tokens=request.num_prompt_tokens,
             processors=tuple(request.processors) if sample else (),
             state_slot=self.kv.states.slot(request.request_id) if self.kv.states else -1,
+            restore_snapshot=self.kv.pop_restore(request.request_id),
+            take_snapshot=self.kv.plan_snapshot(request, end),
         )
 
     def _make_output(self, scheduled: list[ScheduledRequest]) -> SchedulerOutput:
@@ -183,6 +201,8 @@ class Scheduler:
                            result: ModelRunnerOutput) -> list[StepOutput]:
         """Append sampled tokens, apply stop checks, free finished requests' blocks. A row
         whose constraint failed ends with its error (an output with no tokens)."""
+        self.kv.end_step({s.request_id for s in sched.scheduled
+                          if (r := self.requests.get(s.request_id)) is not None and r.status == RequestStatus.RUNNING})
         outputs = []
         for request_id, why in result.errors:
             request = self.requests.get(request_id)

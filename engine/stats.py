@@ -25,6 +25,7 @@ class SchedulerStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # 0-1, blocks in use / usable blocks
+    snapshot_usage: float = 0.0  # 0-1, recurrent-state snapshots in use / all (hybrid models)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class IterationStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # tokens looked up
     prefix_cache_hits: int = 0  # tokens found
+    snapshot_hits: int = 0  # admissions of a hybrid model restored from a state snapshot
+    snapshot_misses: int = 0  # admissions of a hybrid model that started from no state
+    snapshot_evictions: int = 0  # snapshots dropped for room or with their block
     time_to_first_tokens: tuple[float, ...] = ()
     inter_token_latencies: tuple[float, ...] = ()
     finished: tuple[FinishedRequestStats, ...] = field(default=())
@@ -96,12 +100,12 @@ class StatsCollector:
         self.ttfts: list[float] = []
         self.itls: list[float] = []
         self.finished: list[FinishedRequestStats] = []
-        self._last: tuple[int, ...] = (0,) * (len(self.COUNTERS) + 2)
+        self._last: tuple[int, ...] = (0,) * (len(self.COUNTERS) + 5)
 
     def _totals(self, scheduler) -> tuple[int, ...]:
-        counters = scheduler.stats
-        return (*(getattr(counters, name) for name in self.COUNTERS),
-                scheduler.kv.num_cache_queries, scheduler.kv.num_cache_hits)
+        counters, kv = scheduler.stats, scheduler.kv
+        return (*(getattr(counters, name) for name in self.COUNTERS), kv.num_cache_queries, kv.num_cache_hits,
+                kv.num_snapshot_hits, kv.num_snapshot_misses, kv.snapshots.num_evictions if kv.snapshots else 0)
 
     def start(self, scheduler) -> None:
         self._last = self._totals(scheduler)
@@ -115,7 +119,9 @@ class StatsCollector:
         self.ttfts.clear()
         self.itls.clear()
         self.finished.clear()
-        state = SchedulerStats(len(scheduler.running), len(scheduler.waiting), scheduler.pool.usage)
+        snapshots = scheduler.kv.snapshots
+        state = SchedulerStats(len(scheduler.running), len(scheduler.waiting), scheduler.pool.usage,
+                               snapshots.usage if snapshots else 0.0)
         return state, iteration
 
 

@@ -25,12 +25,14 @@ def run_staggered(llm: LLM, prompts, max_tokens, arrive_every: int = 3):
     return [r.output_token_ids for r in requests]
 
 
-def assert_staggered_matches(model, tokenizer, prompts, max_tokens, num_blocks, budget, max_model_len) -> None:
+def assert_staggered_matches(model, tokenizer, prompts, max_tokens, num_blocks, budget, max_model_len,
+                             **engine) -> LLM:
     """16 staggered requests through the engine give mlx-lm's own greedy tokens; a small pool
-    (`num_blocks`) must have forced preemption; every block (and state slot) is free afterwards."""
+    (`num_blocks`) must have forced preemption; every block (and state slot) is free afterwards.
+    `engine`: other EngineConfig fields (prefix caching is off unless they turn it on)."""
     expected = [reference_greedy(model, p, n, tokenizer.eos_token_ids) for p, n in zip(prompts, max_tokens)]
     config = EngineConfig(num_blocks=num_blocks, max_num_batched_tokens=budget, block_size=16,
-                          max_model_len=max_model_len, enable_prefix_caching=False)
+                          max_model_len=max_model_len, **{"enable_prefix_caching": False, **engine})
     llm = LLM(config, ModelRunner.from_model(model, tokenizer, config))
     outputs = run_staggered(llm, prompts, max_tokens)
     for i, (got, want) in enumerate(zip(outputs, expected)):
@@ -40,6 +42,7 @@ def assert_staggered_matches(model, tokenizer, prompts, max_tokens, num_blocks, 
     assert llm.scheduler.pool.num_free_blocks == llm.scheduler.pool.num_blocks - 1
     states = llm.scheduler.kv.states
     assert states is None or (states.num_free == states.num_slots and not states.req_slot)
+    return llm
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

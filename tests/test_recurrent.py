@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -80,17 +81,32 @@ def test_state_slots_come_out_of_the_kv_memory(families):
                                                                max_model_len=256))
 
 
-def test_prefix_caching_is_off_for_recurrent_models(families, caplog):
+def test_prefix_caching_is_off_without_state_snapshots(families, caplog):
+    """--num-state-snapshots 0: a recurrent model cannot reuse a prefix, says so, stays exact."""
     model, tokenizer = families["lfm2"]
     shared = random_prompts(1, 64, 64, vocab=256, seed=8)[0]
     prompts = [shared + q for q in random_prompts(4, 2, 8, vocab=256, seed=9)]
     expected = [reference_greedy(model, p, 8, tokenizer.eos_token_ids) for p in prompts]
-    config = EngineConfig(block_size=16, max_model_len=256, enable_prefix_caching=True)
+    config = EngineConfig(block_size=16, max_model_len=256, num_state_snapshots=0)
     with caplog.at_level(logging.INFO, logger="shoal"):
         llm = LLM(config, ModelRunner.from_model(model, tokenizer, config))
     assert "prefix caching is off" in caplog.text
     assert llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8)) == expected
     assert llm.scheduler.kv.num_cache_hits == 0 and not llm.scheduler.pool.enable_caching
+
+
+def test_snapshot_memory_comes_out_of_the_kv_memory(families):
+    model, tokenizer = families["qwen3_5"]
+    per_request = probe_kv_layout(model).state_bytes
+    config = EngineConfig(max_num_seqs=4, kv_cache_bytes=2**22, max_model_len=256)
+    info = ModelRunner.from_model(model, tokenizer, config).info
+    left = 2**22 - 4 * per_request  # a quarter of what the state slots leave, by default
+    assert info.num_state_snapshots == left // 4 // per_request and info.snapshot_bytes == info.num_state_snapshots * per_request
+    assert info.kv_cache_bytes <= 2**22
+    info = ModelRunner.from_model(model, tokenizer, replace(config, num_state_snapshots=10)).info
+    assert (info.num_state_snapshots, info.snapshot_bytes) == (10, 10 * per_request)
+    with pytest.raises(ValueError, match="state snapshots"):
+        ModelRunner.from_model(model, tokenizer, replace(config, num_state_snapshots=2**22 // per_request))
 
 
 def test_a_failed_step_is_rerun_from_the_state_it_started_with(families):
@@ -141,20 +157,23 @@ def test_a_failed_step_is_rerun_from_the_state_it_started_with(families):
             if not engine.scheduler.has_work():
                 break
             await asyncio.sleep(0.01)
-        states = engine.scheduler.kv.states
+        states, snaps = engine.scheduler.kv.states, engine.scheduler.kv.snapshots
         free = states.num_free, states.num_slots, engine.scheduler.pool.num_free_blocks
+        settled = snaps.num_free + snaps.num_published == snaps.num_snapshots and not snaps._pins
         await engine.shutdown()
-        return results, free
+        return results, free, settled
 
-    results, (free_slots, num_slots, free_blocks) = asyncio.run(main())
+    results, (free_slots, num_slots, free_blocks), settled = asyncio.run(main())
     assert [tokens for tokens, _ in results[:6]] == expected
     assert results[6][0] == [] and "simulated bad request" in results[6][1]
     assert free_slots == num_slots == 8 and free_blocks == 63
+    assert settled  # no snapshot left reserved by the failed or aborted requests
 
 
 def test_served_hybrid_model_answers_concurrent_requests_exactly(families, tmp_path):
     """Over the HTTP API (in process): 8 concurrent greedy completions on the qwen3_5 model
-    equal mlx-lm's generate for each prompt alone; /metrics shows no prefix hits."""
+    equal mlx-lm's generate for each prompt alone; the longest prompt sent again restores its
+    snapshot, and usage and /metrics count exactly the tokens it skipped."""
     import httpx
 
     from shoal.api.app import create_app
@@ -162,6 +181,7 @@ def test_served_hybrid_model_answers_concurrent_requests_exactly(families, tmp_p
 
     model, tokenizer = families["qwen3_5"]
     prompts = random_prompts(8, 3, 60, vocab=256, seed=21)
+    longest = max(range(8), key=lambda i: len(prompts[i]))
     expected = [reference_greedy(model, p, 10, tokenizer.eos_token_ids) for p in prompts]
     config = EngineConfig(max_model_len=256, num_blocks=64, max_num_seqs=4)  # 8 requests, 4 slots
 
@@ -175,15 +195,23 @@ def test_served_hybrid_model_answers_concurrent_requests_exactly(families, tmp_p
                 responses = await asyncio.gather(*[client.post("/v1/completions", json={
                     "prompt": p, "max_tokens": 10, "temperature": 0})
                     for p in prompts])
+                again = await client.post("/v1/completions", json={  # the longest prompt once more
+                    "prompt": prompts[longest], "max_tokens": 10, "temperature": 0})
                 metrics = (await client.get("/metrics")).text
             states = engine.scheduler.kv.states
-            return responses, metrics, (states.num_free, states.num_slots)
+            return responses + [again], metrics, (states.num_free, states.num_slots)
 
     responses, metrics, (free, total) = asyncio.run(main())
+    prompts, expected = prompts + [prompts[longest]], expected + [expected[longest]]
     for r, want in zip(responses, expected):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["usage"]["completion_tokens"] == len(want)
         assert body["choices"][0]["text"] == tokenizer.decode([t for t in want if t not in tokenizer.eos_token_ids])
     assert free == total == 4
-    assert 'vllm:prefix_cache_hits_total{engine="0"' in metrics and "prefix_cache_hits_total{" in metrics
+    hit = (len(prompts[-1]) - 1) // 16 * 16  # the same prompt again: up to its last full block
+    assert hit > 0 and responses[-1].json()["usage"]["prompt_tokens_details"]["cached_tokens"] == hit
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith(("vllm:prefix_cache_hits_total{", "shoal:state_snapshot_hits_total{"))}
+    assert values == {"vllm:prefix_cache_hits_total": hit, "shoal:state_snapshot_hits_total": 1}
+

@@ -26,7 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gpt_oss", "qwen3_moe",
-                             "qwen3_5", "lfm2", "nemotron_h")
+                             "qwen3_5", "qwen3_next", "lfm2", "nemotron_h")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_TOKEN = "<|im_end|>"
@@ -47,6 +47,7 @@ _MODULES: dict[str, str] = {
     "gpt_oss": "gpt_oss",
     "qwen3_moe": "qwen3_moe",
     "qwen3_5": "qwen3_5",
+    "qwen3_next": "qwen3_next",
     "lfm2": "lfm2",
     "nemotron_h": "nemotron_h",
 }
@@ -59,6 +60,7 @@ _ARCHITECTURES: dict[str, str] = {
     "gpt_oss": "GptOssForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "qwen3_5": "Qwen3_5ForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
     "lfm2": "Lfm2ForCausalLM",
     "nemotron_h": "NemotronHForCausalLM",
 }
@@ -242,6 +244,12 @@ def _model_config(family: str, params: dict[str, Any]) -> dict[str, Any]:
                       linear_value_head_dim=32, linear_conv_kernel_dim=4, full_attention_interval=4,
                       rope_parameters={"type": "default", "rope_theta": params["rope_theta"],
                                        "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1]})
+    if family == "qwen3_next":  # Gated DeltaNet as qwen3_5, every layer a mixture of 4 experts + a shared one
+        config.update(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32,
+                      linear_value_head_dim=32, linear_conv_kernel_dim=4, full_attention_interval=4,
+                      partial_rotary_factor=0.25, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                      mlp_only_layers=[], moe_intermediate_size=params["intermediate_size"],
+                      shared_expert_intermediate_size=params["intermediate_size"], norm_topk_prob=True)
     if family == "lfm2":  # short-convolution layers, every 3rd layer (from the 2nd) attention
         config.update(norm_eps=params["rms_norm_eps"], conv_bias=False, conv_L_cache=3,
                       block_dim=params["hidden_size"], block_multiple_of=16, block_ffn_dim_multiplier=1.0,

@@ -122,12 +122,14 @@ class BlockPool:
     def get_cached(self, key: Hashable) -> Block | None:
         return self.cached.get(key) if self.enable_caching else None
 
-    def cache_block(self, block: Block, key: Hashable) -> None:
-        """Register a full block under its chained key; the first writer of a key wins."""
+    def cache_block(self, block: Block, key: Hashable) -> bool:
+        """Register a full block under its chained key; the first writer of a key wins.
+        Returns whether this call cached it."""
         if not self.enable_caching or block.block_hash is not None or key in self.cached:
-            return
+            return False
         block.block_hash = key
         self.cached[key] = block
+        return True
 
     def uncache(self, blocks: Iterable[Block]) -> None:
         """Drop these blocks' hashes: their contents can no longer be trusted."""

@@ -77,6 +77,7 @@ class KVCacheManager:
         self._pinned: list[int] = []  # snapshots read this step
         self._takes: dict[str, tuple[int, Hashable, bool]] = {}  # this step: id -> (snapshot, key, rolling)
         self._rolling: dict[str, Hashable] = {}  # each request's latest snapshot past its prompt
+        self._uncomputed: set[Hashable] = set()  # keys cached this step: their K/V is being written
         # Prompt blocks that running requests are about to compute: key -> (owner, end position,
         # owner snapshots there). A request sharing them waits for the owner's snapshot.
         self._inflight: dict[Hashable, tuple[Request, int, bool]] = {}
@@ -95,7 +96,9 @@ class KVCacheManager:
         hits: list[Block] = []
         for key in keys[:max_blocks]:
             block = self.pool.get_cached(key)
-            if block is None:
+            # A recurrent model's forwards are grouped by chunk length, not kept in schedule
+            # order, so it never reads a block that this step is still writing.
+            if block is None or key in self._uncomputed:
                 break
             hits.append(block)
         if self.snapshots is not None:  # usable only up to the last block a snapshot ends
@@ -103,12 +106,13 @@ class KVCacheManager:
                 hits.pop()
         return hits
 
-    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
-        """Count one admitted request's lookup (tokens), once, however long it waited."""
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int, first: bool = True) -> None:
+        """Count one admitted request's lookup (tokens), once, however long it waited; snapshot
+        hits and misses only at its first admission, for prompts longer than a block."""
         if self.pool.enable_caching:
             self.num_cache_queries += num_tokens
             self.num_cache_hits += num_hit_tokens
-        if self.snapshots is not None:
+        if self.snapshots is not None and first and num_tokens > self.block_size:
             self.num_snapshot_hits += num_hit_tokens > 0
             self.num_snapshot_misses += num_hit_tokens == 0
 
@@ -137,14 +141,15 @@ class KVCacheManager:
         self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
         return True
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Request, preempted: bool = False) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_keys.pop(request.request_id, None)
         self.req_num_cached.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
         if self.states is not None:
             self.states.give_back(request.request_id)
-        self._rolling.pop(request.request_id, None)  # its latest snapshot stays: the next turn's
+        if not preempted:  # its latest snapshot stays (the next turn's); a resumed request replaces it
+            self._rolling.pop(request.request_id, None)
         self._restores.pop(request.request_id, None)
         for key in self._req_inflight.pop(request.request_id, ()):
             del self._inflight[key]
@@ -158,7 +163,8 @@ class KVCacheManager:
             return
         keys = self._keys(request, num_full)[:num_full]  # only blocks whose tokens are known
         for i in range(done, len(keys)):
-            self.pool.cache_block(blocks[i], keys[i])
+            if self.pool.cache_block(blocks[i], keys[i]) and self.snapshots is not None:
+                self._uncomputed.add(keys[i])
         self.req_num_cached[request.request_id] = len(keys)
 
     def _keys(self, request: Request, num_blocks: int) -> list[Hashable]:
@@ -231,6 +237,7 @@ class KVCacheManager:
             self.snapshots.unpin(snap)
         self._pinned.clear()
         self._restores.clear()
+        self._uncomputed.clear()
 
     def register_prefill(self, request: Request, num_hit_blocks: int) -> None:
         """Mark the prompt blocks an admitted request will compute, so that requests sharing

@@ -139,7 +139,7 @@ class Scheduler:
             if not self.kv.allocate_slots(request, num_new, hits):
                 break
             self.waiting.popleft()
-            self.kv.record_lookup(request.num_tokens, num_cached)
+            self.kv.record_lookup(request.num_tokens, num_cached, request.status == RequestStatus.WAITING)
             self.kv.register_prefill(request, len(hits))
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached
@@ -159,7 +159,7 @@ class Scheduler:
         return num_new if boundary is None else min(num_new, boundary - start)
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request)
+        self.kv.free(request, preempted=True)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1

@@ -1,6 +1,6 @@
 """Prefix caching on hybrid models (recurrent layers beside attention) through state snapshots,
-on tiny random qwen3_5 (Gated DeltaNet), lfm2 (short convolutions) and nemotron_h (Mamba-2)
-models: a multi-turn conversation restores the previous answer's last snapshot and computes only
+on tiny random qwen3_5 and qwen3_next (Gated DeltaNet; experts in the latter), lfm2 (short
+convolutions) and nemotron_h (Mamba-2) models: a multi-turn conversation restores the previous answer's last snapshot and computes only
 what is new; a swarm computes its shared prompt once; shared prefixes with chunked prefill and
 preemption; a snapshot holds mlx-lm's own state after exactly its tokens. Every output equals
 mlx-lm's generate (and the engine with caching off) token for token."""
@@ -21,7 +21,7 @@ from shoal.engine.sampling_params import SamplingParams
 from conftest import random_prompts, reference_greedy
 from test_batch_invariance import assert_staggered_matches
 
-FAMILIES = ("qwen3_5", "lfm2", "nemotron_h")
+FAMILIES = ("qwen3_5", "qwen3_next", "lfm2", "nemotron_h")
 BS = 16
 
 

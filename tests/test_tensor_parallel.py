@@ -5,7 +5,8 @@ requests through a pool small enough to preempt, chunked prefill and a prefix hi
 unsharded model's own tokens; a rank killed mid-service takes the server to exit code 1 with
 an error for the request in flight, not a hang. Pipeline parallel 2 (`--pipeline-parallel-size`)
 on a hybrid qwen3_5 model (each rank four layers, three Gated DeltaNet and one attention, with
-their state slots) gives the unsharded model's tokens too."""
+their state slots) gives the unsharded model's tokens too, with prefix hits restored from state
+snapshots on both ranks."""
 
 from __future__ import annotations
 
@@ -115,7 +116,13 @@ def test_pipeline_parallel_hybrid_model_matches_the_unsharded_model(tmp_path: Pa
             "--max-num-batched-tokens", "64", "--max-num-seqs", "4"]
     server = start_server(args, tmp_path / "pp.log")
     try:
-        assert_concurrent_match(server, *load(str(model_dir)), random_prompts(8, 1, 60, vocab=256, seed=41))
+        model, tokenizer = load(str(model_dir))
+        prompts = random_prompts(8, 1, 60, vocab=256, seed=41)
+        assert_concurrent_match(server, model, tokenizer, prompts)
+        # Each rank restores the same snapshot ids into its own layers' states.
+        longest = max(prompts, key=len)
+        assert_concurrent_match(server, model, tokenizer, [longest, longest + [5, 6, 7]])
+        assert len(longest) > 16 and metric(server.metrics(), "shoal:state_snapshot_hits_total") >= 2
         assert httpx.get(server.url("/server_info"), timeout=10).json()["pp_size"] == 2
     finally:
         stop_server(server)

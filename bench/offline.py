@@ -24,14 +24,17 @@ from typing import Any
 from shoal.engine.platform import preload_blas
 
 
-def run_shoal(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+def run_shoal(model, tokenizer, prompts: list[list[int]], max_tokens: int,
+              prefix_caching: bool = False) -> dict[str, Any]:
+    """Shoal's offline engine; `prefix_caching` as a server runs it (for hybrid models: the
+    state snapshots' chunk cuts and copies, on prompts that share nothing)."""
     from shoal.engine.config import EngineConfig
     from shoal.engine.llm import LLM
     from shoal.engine.model_runner import ModelRunner
     from shoal.engine.sampling_params import SamplingParams
 
     config = EngineConfig(max_num_seqs=max(len(prompts), 1), kv_cache_bytes=4 * 2**30,
-                          max_model_len=2048, enable_prefix_caching=False)
+                          max_model_len=2048, enable_prefix_caching=prefix_caching)
     runner = ModelRunner.from_model(model, tokenizer, config)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     LLM(config, runner).generate([p[:8] for p in prompts], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     from shoal.bench.offline_peers import random_prompts, run_mlx_lm_batch, run_mlx_lm_single
 
     model, tokenizer, path = load_bench_model(args.model)
-    runners = {"shoal": run_shoal, "mlx_lm_batch": lambda m, t, p, n: run_mlx_lm_batch(m, p, n, args.mlx_prefill_batch_size),
+    runners = {"shoal": run_shoal, "shoal_cached": lambda m, t, p, n: run_shoal(m, t, p, n, prefix_caching=True),
+               "mlx_lm_batch": lambda m, t, p, n: run_mlx_lm_batch(m, p, n, args.mlx_prefill_batch_size),
                "mlx_lm_single": lambda m, t, p, n: run_mlx_lm_single(m, p[:args.single_cap], n)}
     print(f"# {blas}; model {path}; {platform.machine()} {platform.processor() or ''}; "
           f"prompt {args.prompt_len}, new tokens {args.max_tokens}", flush=True)

@@ -31,6 +31,19 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def hybrid_families(tmp_path_factory) -> dict:
+    """(model, tokenizer) of tiny random models with recurrent layers (and qwen3_moe), by family."""
+    from mlx_lm import load
+
+    from shoal.bench.random_model import make_random_model
+
+    root = tmp_path_factory.mktemp("hybrid-models")
+    return {f: load(str(make_random_model(root / f, f, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, intermediate_size=64)))
+            for f in ("qwen3_5", "qwen3_next", "lfm2", "nemotron_h", "qwen3_moe")}
+
+
+@pytest.fixture(scope="session")
 def loaded(model_dirs):
     """(model, tokenizer) per family, loaded once."""
     from mlx_lm import load

@@ -7,7 +7,6 @@ mlx-lm's generate (and the engine with caching off) token for token."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -26,15 +25,8 @@ BS = 16
 
 
 @pytest.fixture(scope="module")
-def families(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from mlx_lm import load
-
-    from shoal.bench.random_model import make_random_model
-
-    root = Path(tmp_path_factory.mktemp("models"))
-    return {f: load(str(make_random_model(root / f, f, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                          num_key_value_heads=2, head_dim=16, intermediate_size=64)))
-            for f in FAMILIES}
+def families(hybrid_families) -> dict:
+    return hybrid_families
 
 
 def engine(model, tokenizer, **kw) -> LLM:
@@ -74,14 +66,16 @@ def test_a_conversation_computes_only_its_new_tokens(families, family):
     assert_snapshots_settled(cached)
 
 
-def test_a_swarm_computes_its_shared_prompt_once(families):
+@pytest.mark.parametrize("backend", ["gather", "cascade"])
+def test_a_swarm_computes_its_shared_prompt_once(families, backend):
     """Eight agents with one 128-token system prompt arrive together: the first computes it,
-    the others wait for its snapshot at 128 and compute only their own turns."""
+    the others wait for its snapshot at 128 and compute only their own turns; their decodes
+    share those blocks, which cascade attention reads once for all."""
     model, tokenizer = families["qwen3_5"]
     system = random_prompts(1, 128, 128, vocab=256, seed=3)[0]
     prompts = [system + turn for turn in random_prompts(8, 5, 12, vocab=256, seed=4)]
     expected = [reference_greedy(model, p, 6, tokenizer.eos_token_ids) for p in prompts]
-    llm = engine(model, tokenizer, max_num_batched_tokens=512)
+    llm = engine(model, tokenizer, max_num_batched_tokens=512, attention_backend=backend)
     requests = [llm.add(p, SamplingParams(temperature=0, max_tokens=6)) for p in prompts]
     while llm.scheduler.has_work():
         llm.step()
@@ -89,6 +83,7 @@ def test_a_swarm_computes_its_shared_prompt_once(families):
     assert [r.num_cached_tokens for r in requests] == [0] + [128] * 7
     computed = llm.scheduler.stats.num_computed_tokens - sum(r.num_output_tokens - 1 for r in requests)
     assert computed == sum(len(p) for p in prompts) - 7 * 128
+    assert (llm.runner.attention.num_cascade_forwards >= 5) == (backend == "cascade")
     assert_snapshots_settled(llm)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -35,15 +34,8 @@ POISON_SEED = 666
 
 
 @pytest.fixture(scope="module")
-def families(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from mlx_lm import load
-
-    from shoal.bench.random_model import make_random_model
-
-    root = Path(tmp_path_factory.mktemp("models"))
-    return {f: load(str(make_random_model(root / f, f, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                          num_key_value_heads=2, head_dim=16, intermediate_size=64)))
-            for f in FAMILIES}
+def families(hybrid_families) -> dict:
+    return hybrid_families
 
 
 @pytest.mark.parametrize("family", FAMILIES)

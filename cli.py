@@ -172,6 +172,9 @@ def add_chat_options(p: argparse.ArgumentParser) -> None:
                    help="sampling defaults for requests that leave them out, over the model's "
                         "generation_config.json, e.g. '{\"temperature\": 0}' (keys: temperature, "
                         "top_p, top_k, min_p, repetition_penalty)")
+    p.add_argument("--responses-store-size", type=int, default=1000, metavar="N",
+                   help="responses kept in memory for the Responses API's previous_response_id "
+                        "(least recently used evicted; 0 keeps none)")
     p.add_argument("--sse-ping-interval", type=float, default=5.0, metavar="SECONDS",
                    help="Anthropic streams send a ping after this much silence")
 
@@ -291,7 +294,8 @@ def server_config(args: argparse.Namespace):
                         ping_interval=args.sse_ping_interval, body_timeout=args.body_timeout,
                         allowed_origins=args.allowed_origins,
                         metrics_require_key=args.metrics_require_key,
-                        log_stats=not args.disable_log_stats)
+                        log_stats=not args.disable_log_stats,
+                        responses_store_size=args.responses_store_size)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from shoal import __version__
-from shoal.api import anthropic, openai, system, tokenize
+from shoal.api import anthropic, openai, responses, system, tokenize
 from shoal.api.chat import ChatService
 from shoal.api.config import ServerConfig
 from shoal.api.errors import install_error_handlers
@@ -20,6 +20,7 @@ from shoal.api.loads import LoadTracker
 from shoal.api.metrics import HttpMetricsMiddleware, PrometheusStatLogger
 from shoal.api.sampling import SamplingDefaults
 from shoal.api.request_id import RequestIdMiddleware
+from shoal.api.response_store import ResponseStore
 from shoal.api.served_model import ServedModel
 from shoal.api.state import ServerState
 from shoal.api.tool_formats import detect_reasoning_format, detect_tool_format
@@ -46,7 +47,7 @@ def create_app(config: ServerConfig, engine_config: EngineConfig,
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                            allow_methods=["*"], allow_headers=["*"], expose_headers=["x-request-id"])
     for router in (system.open_router, system.protected_router, openai.router, anthropic.router,
-                   tokenize.router):
+                   responses.router, tokenize.router):
         app.include_router(router)
     return app
 
@@ -65,7 +66,8 @@ def _lifespan(config: ServerConfig, engine_config: EngineConfig, factory: Engine
             engine.stat_loggers.append(LoggingStatLogger())
         chat = chat_service(engine, config)
         defaults = SamplingDefaults.load(info.path, dict(config.generation_config))
-        app.state.server = ServerState(engine, config, model, metrics, chat, defaults, loads)
+        app.state.server = ServerState(engine, config, model, metrics, chat, defaults, loads,
+                                       ResponseStore(config.responses_store_size))
         log_limits(model, engine_config, config)
         log.info("sampling defaults: %s; tool calls: %s; reasoning: %s", defaults,
                  chat.tool_format.name if chat.tool_format else "not parsed (no parser for this model)",

@@ -24,6 +24,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS; ("*",) allows any
     metrics_require_key: bool = False  # vLLM leaves /metrics open even with --api-key
     log_stats: bool = True  # a one-line engine summary in the log every 10 s of traffic
+    responses_store_size: int = 1000  # Responses API responses kept for previous_response_id
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1024:
@@ -32,6 +33,8 @@ class ServerConfig:
             raise ValueError("max_n must be >= 1")
         if not self.body_timeout > 0:
             raise ValueError("body_timeout must be > 0")
+        if self.responses_store_size < 0:
+            raise ValueError("responses_store_size must be >= 0")
         if not self.ping_interval > 0:
             raise ValueError("ping_interval must be > 0")
         if any(not key for key in self.api_keys):

@@ -48,24 +48,26 @@ class APIError(Exception):
     """A request failure with its HTTP status and the field to blame (if any)."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, code: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.headers = headers
+        self.code = code  # OpenAI's string code (e.g. context_length_exceeded); None: the status
 
     def body(self) -> dict:
-        return error_body(self.status, self.message, self.param)
+        return error_body(self.status, self.message, self.param, self.code)
 
     def anthropic_body(self) -> dict:
         return anthropic_error_body(self.status, self.message)
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """The OpenAI error object for a status, message and parameter."""
     error_type = ERROR_TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
-    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+    return {"error": {"message": message, "type": error_type, "param": param,
+                      "code": status if code is None else code}}
 
 
 def anthropic_error_body(status: int, message: str) -> dict:
@@ -111,10 +113,11 @@ def format_loc(loc: tuple[str | int, ...]) -> str:
 
 
 def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None, anthropic: bool = False) -> Response:
+                   headers: dict[str, str] | None = None, anthropic: bool = False,
+                   code: str | None = None) -> Response:
     if anthropic and status == 429:  # Shoal's one 429 is overload: Anthropic says 529 for that
         status = 529
-    body = anthropic_error_body(status, message) if anthropic else error_body(status, message, param)
+    body = anthropic_error_body(status, message) if anthropic else error_body(status, message, param, code)
     return Response(orjson.dumps(body), status_code=status, media_type="application/json",
                     headers=headers)
 
@@ -124,7 +127,7 @@ def is_anthropic(request: Request) -> bool:
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
-    return error_response(exc.status, exc.message, exc.param, exc.headers, is_anthropic(request))
+    return error_response(exc.status, exc.message, exc.param, exc.headers, is_anthropic(request), exc.code)
 
 
 async def _request_validation(request: Request, exc: RequestValidationError) -> Response:

@@ -10,6 +10,7 @@ from shoal.api.chat import ChatService
 from shoal.api.config import ServerConfig
 from shoal.api.loads import LoadTracker
 from shoal.api.metrics import PrometheusStatLogger
+from shoal.api.response_store import ResponseStore
 from shoal.api.sampling import SamplingDefaults
 from shoal.api.served_model import ServedModel
 from shoal.engine.async_engine import AsyncEngine
@@ -24,6 +25,7 @@ class ServerState:
     chat: ChatService
     sampling_defaults: SamplingDefaults
     loads: LoadTracker
+    responses: ResponseStore  # for previous_response_id
 
 
 def server_state(request: Request) -> ServerState:

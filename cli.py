@@ -92,6 +92,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="recurrent (hybrid) models: states kept at block boundaries so a prompt can "
                         "reuse a cached prefix (default: a quarter of the KV memory the per-request "
                         "states leave); 0 turns prefix caching off for such models")
+    p.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_min": 2, "prompt_lookup_max": 4, "disable_by_batch_size": 4}; '
+                        "off by default")
     p.add_argument("--snapshot-interval", type=positive_int, default=EngineConfig.snapshot_interval,
                    metavar="TOKENS", help="recurrent models: a state snapshot every this many tokens of "
                                           "a long prompt (whole blocks), besides one at the prompt's last "
@@ -190,6 +194,22 @@ def generation_config(text: str) -> dict[str, float]:
     return value
 
 
+def speculative_config(text: str):
+    """--speculative-config: vLLM's JSON, e.g. {"method": "ngram", "num_speculative_tokens": 4}."""
+    from shoal.engine.config import SpeculativeConfig  # MLX-free
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    try:
+        return SpeculativeConfig.from_dict(value)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def chat_template(value: str | None) -> str | None:
     """--chat-template: a file's contents, or the text itself when it is no file."""
     if value is None or "{" in value:
@@ -255,7 +275,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching, dtype=args.dtype, seed=args.seed,
         attention_backend=args.attention_backend, max_waiting_requests=args.max_waiting_requests,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-        num_state_snapshots=args.num_state_snapshots, snapshot_interval=args.snapshot_interval)
+        num_state_snapshots=args.num_state_snapshots, snapshot_interval=args.snapshot_interval,
+        speculative=args.speculative_config)
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:

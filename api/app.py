@@ -59,7 +59,9 @@ def _lifespan(config: ServerConfig, engine_config: EngineConfig, factory: Engine
         info = engine.info
         model = ServedModel.from_path(info.path, config.served_model_name, config.aliases,
                                       info.max_model_len)
-        metrics = PrometheusStatLogger(model.name, info.max_model_len, cache_config_labels(engine_config, info))
+        spec = engine.scheduler.proposer.num_tokens if engine.scheduler.proposer else 0
+        metrics = PrometheusStatLogger(model.name, info.max_model_len, cache_config_labels(engine_config, info),
+                                       num_speculative_tokens=spec)
         loads = LoadTracker((info.num_blocks - 1) * info.block_size, engine_config.max_num_seqs)
         engine.stat_loggers.extend((metrics, loads))
         if config.log_stats:

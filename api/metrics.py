@@ -57,7 +57,7 @@ class PrometheusStatLogger:
     """One app's registry. `record` is the engine's stat-logger hook (on the event loop)."""
 
     def __init__(self, model_name: str, max_model_len: int, cache_config: dict[str, str],
-                 engine_index: int = 0):
+                 engine_index: int = 0, num_speculative_tokens: int = 0):
         self.registry = CollectorRegistry()
         self.labels = (model_name, str(engine_index))
         registry = self.registry
@@ -93,6 +93,13 @@ class PrometheusStatLogger:
                                           "State snapshots dropped for room or with their KV block.")
         self.snapshot_usage = gauge("shoal:state_snapshot_usage_perc",
                                     "State snapshot pool usage. 1 means 100 percent usage.")
+        self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.")
+        self.spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.")
+        self.spec_accepted = counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.")
+        self.spec_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                    "Accepted tokens per draft position.", [*LABELS, "position"], registry=registry)
+        for position in range(num_speculative_tokens):  # every series from startup, as vLLM
+            self.spec_per_pos.labels(*self.labels, str(position))
         success = Counter("vllm:request_success", "Count of successfully processed requests.",
                           [*LABELS, "finished_reason"], registry=registry)
         self.success = {reason: success.labels(*self.labels, reason) for reason in FINISH_REASONS}
@@ -152,6 +159,12 @@ class PrometheusStatLogger:
         self.snapshot_misses.inc(iteration.snapshot_misses)
         self.snapshot_evictions.inc(iteration.snapshot_evictions)
         self.snapshot_usage.set(scheduler.snapshot_usage)
+        self.spec_drafts.inc(iteration.spec_num_drafts)
+        self.spec_draft_tokens.inc(iteration.spec_num_draft_tokens)
+        self.spec_accepted.inc(iteration.spec_num_accepted_tokens)
+        for position, accepted in enumerate(iteration.spec_accepted_per_pos):
+            if accepted:
+                self.spec_per_pos.labels(*self.labels, str(position)).inc(accepted)
         if iteration.num_batched_tokens:
             self.iteration_tokens.observe(iteration.num_batched_tokens)
         for seconds in iteration.time_to_first_tokens:

@@ -9,6 +9,33 @@ GiB = 1024**3
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's `--speculative-config` for n-gram (prompt lookup) drafts."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # draft tokens per row and step
+    prompt_lookup_min: int = 2  # shortest n-gram matched
+    prompt_lookup_max: int = 4  # longest n-gram matched (tried first)
+    disable_by_batch_size: int = 4  # no drafts in a step once this many requests run (CPU: see README)
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative method {self.method!r} is not supported (only 'ngram')")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
+        if self.num_speculative_tokens < 1 or self.disable_by_batch_size < 1:
+            raise ValueError("num_speculative_tokens and disable_by_batch_size must be >= 1")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SpeculativeConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative config keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # local mlx-lm dir, Hugging Face id, .gguf file; None = offline default
     block_size: int = 16  # tokens per KV block
@@ -28,6 +55,7 @@ class EngineConfig:
     # Recurrent (hybrid) models: states kept at block boundaries so prefixes can be reused.
     num_state_snapshots: int | None = None  # None = a quarter of the KV memory the state slots leave
     snapshot_interval: int = 512  # tokens between snapshots in a long prompt (whole blocks)
+    speculative: SpeculativeConfig | None = None  # n-gram drafts verified in the batch; None = off
 
     def __post_init__(self) -> None:
         checks = [

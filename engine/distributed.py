@@ -76,15 +76,15 @@ class StepChannel:
 
 
 def _rows(sched: SchedulerOutput) -> list[tuple]:
-    return [(r.token_ids, r.start_pos, r.block_ids, r.state_slot, r.restore_snapshot, r.take_snapshot)
-            for r in sched.scheduled]
+    return [(r.token_ids, r.start_pos, r.block_ids, r.state_slot, r.restore_snapshot, r.take_snapshot,
+             r.num_draft_tokens) for r in sched.scheduled]
 
 
 def _scheduled(rows: list[tuple]) -> tuple[ScheduledRequest, ...]:
     return tuple(ScheduledRequest(request_id="", token_ids=t, start_pos=s, block_ids=b, sample=False,
                                   params=None, history=None, num_prompt_tokens=0, state_slot=slot,
-                                  restore_snapshot=restore, take_snapshot=take)
-                 for t, s, b, slot, restore, take in rows)
+                                  restore_snapshot=restore, take_snapshot=take, num_draft_tokens=k)
+                 for t, s, b, slot, restore, take, k in rows)
 
 
 class ModelParallelRunner:

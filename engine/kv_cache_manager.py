@@ -141,6 +141,14 @@ class KVCacheManager:
         self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
         return True
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` positions (rejected drafts)."""
+        blocks = self.req_blocks.get(request.request_id, [])
+        keep = cdiv(num_tokens, self.block_size)
+        if len(blocks) > keep:
+            self.pool.free(reversed(blocks[keep:]))
+            del blocks[keep:]
+
     def free(self, request: Request, preempted: bool = False) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_keys.pop(request.request_id, None)

@@ -28,13 +28,18 @@ def scheduler_config(config: EngineConfig, runner: ModelRunner) -> SchedulerConf
         log.info("prefix caching is off: the model has recurrent layers and no memory is left for "
                  "state snapshots (raise --kv-cache-memory or set --num-state-snapshots)")
         prefix_caching = False
+    speculative = config.speculative
+    if speculative is not None and info.has_state:
+        # A rejected draft would have advanced the recurrent state past what was accepted.
+        log.info("speculative decoding is off: the model has recurrent layers")
+        speculative = None
     return SchedulerConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=info.max_model_len, block_size=info.block_size, num_blocks=info.num_blocks,
         enable_prefix_caching=prefix_caching,
         prefill_budget_while_decoding=config.prefill_budget_while_decoding,
         num_state_slots=info.num_state_slots, num_state_snapshots=info.num_state_snapshots,
-        snapshot_interval=config.snapshot_interval)
+        snapshot_interval=config.snapshot_interval, speculative=speculative)
 
 
 def make_scheduler(config: EngineConfig, runner: ModelRunner) -> tuple[Scheduler, StructuredOutputManager]:

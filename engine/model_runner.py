@@ -256,6 +256,21 @@ def num_state_snapshots(config: EngineConfig, state_bytes: int, slots_bytes: int
     return int((config.kv_cache_bytes - slots_bytes) * SNAPSHOT_SHARE) // state_bytes
 
 
+def verify(row: ScheduledRequest, sampled: list[int]) -> int | tuple[int, ...]:
+    """A row's token, or for a row with drafts the drafts its own samples agree with, then
+    its sample at the first disagreement (or after the last draft). Drafts are deterministic,
+    so accepting draft d where the target drew d is exact rejection sampling: each emitted
+    token is a draw from the target's distribution given the tokens before it."""
+    k = row.num_draft_tokens
+    if not k:
+        return sampled[0]
+    drafts = row.token_ids[-k:]
+    accepted = 0
+    while accepted < k and sampled[accepted] == drafts[accepted]:
+        accepted += 1
+    return tuple(sampled[:accepted + 1])
+
+
 def _max_position(model) -> int | None:
     args = getattr(model, "args", None)
     return getattr(args, "max_position_embeddings", None)
@@ -368,7 +383,7 @@ class ModelRunner:
 
     def _execute(self, rows: tuple[ScheduledRequest, ...]) -> ModelRunnerOutput:
         self._begin_step(rows)
-        logits = self._forward(rows)
+        logits = self._forward(rows)  # one row per sampled position: 1 + drafts per row
         sample_idx = [i for i, r in enumerate(rows) if r.sample]
         pending = self._pending()
         if not sample_idx:
@@ -376,15 +391,19 @@ class ModelRunner:
             # the same all-reduces (engine/distributed.py).
             mx.eval(logits, pending)
             return ModelRunnerOutput((None,) * len(rows))
-        sample_rows = [rows[i] for i in sample_idx]
-        if len(sample_idx) < len(rows):  # decode steps sample every row: no copy then
-            logits = logits[mx.array(sample_idx)]
+        # A row with k drafts samples at each of its last 1 + k positions, as k + 1 rows.
+        positions = np.cumsum([0] + [1 + r.num_draft_tokens for r in rows])
+        sample_rows = [rows[i] for i in sample_idx for _ in range(1 + rows[i].num_draft_tokens)]
+        if len(sample_rows) < positions[-1]:  # decode steps sample every row: no copy then
+            logits = logits[mx.array(np.concatenate([np.arange(positions[i], positions[i + 1]) for i in sample_idx]))]
         mx.async_eval(logits, pending)  # the forward runs while the processors fill their masks
         bias, errors = step_bias(sample_rows, self.info.vocab_size)
         out = self.sampler(logits, sample_rows, bias)
-        logprobs = None if out.logprobs is None else self._align(rows, sample_idx, out.logprobs)
-        return ModelRunnerOutput(self._align(rows, sample_idx, out.token_ids), logprobs,
-                                 tuple((sample_rows[i].request_id, why) for i, why in errors.items()))
+        firsts = np.cumsum([0] + [1 + rows[i].num_draft_tokens for i in sample_idx])[:-1]
+        tokens = [verify(rows[i], out.token_ids[f:f + 1 + rows[i].num_draft_tokens]) for i, f in zip(sample_idx, firsts)]
+        logprobs = None if out.logprobs is None else self._align(rows, sample_idx, [out.logprobs[f] for f in firsts])
+        return ModelRunnerOutput(self._align(rows, sample_idx, tokens), logprobs,
+                                 tuple((sample_rows[j].request_id, why) for j, why in errors.items()))
 
     def _pending(self) -> list:
         """What a forward computed into the pools: K/V (written in place) and new states."""
@@ -406,7 +425,9 @@ class ModelRunner:
             # runs while an earlier gather still reads a pool cannot reuse its buffer, and MLX
             # then copies the whole pool (measured: seconds per step).
             mx.eval(parts[-1], self._pending())
-        order = np.argsort(np.concatenate(groups))
+        # Back to row order, each row's sampled positions together.
+        spans = np.cumsum([0] + [1 + r.num_draft_tokens for r in rows])
+        order = np.argsort(np.concatenate([np.arange(spans[i], spans[i + 1]) for g in groups for i in g]))
         return mx.concatenate(parts)[mx.array(order)]
 
     def _forward_group(self, rows) -> mx.array:
@@ -422,7 +443,11 @@ class ModelRunner:
             fresh = rows[0].start_pos == 0  # the same for every row of the forward
             for cache in self.state_caches:
                 cache.begin(slots, fresh)
-        last = (mx.arange(len(rows)), mx.array(lengths) - 1)
+        # The last position of each row, or its last 1 + k with k drafts to verify.
+        counts = [1 + r.num_draft_tokens for r in rows]
+        row_idx = np.repeat(np.arange(len(rows)), counts)
+        pos_idx = np.concatenate([np.arange(n - c, n) for n, c in zip(lengths, counts)])
+        last = (mx.array(row_idx), mx.array(pos_idx))
         if self._last is None:
             return self.model(mx.array(tokens), cache=self.caches)[last]
         self._last.index = last

@@ -30,6 +30,7 @@ class ScheduledRequest:
     state_slot: int = -1  # models with recurrent layers: the request's state slot
     restore_snapshot: int | None = None  # copy this state snapshot into the slot first (a prefix hit)
     take_snapshot: int | None = None  # copy the slot's state after the step into this snapshot
+    num_draft_tokens: int = 0  # the last of `token_ids` are drafts: sample at each, verify
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class ModelRunnerOutput:
-    sampled_token_ids: tuple[int | None, ...]  # aligned with SchedulerOutput.scheduled
+    # Aligned with SchedulerOutput.scheduled; a row with drafts gets the accepted drafts and one
+    # more token, a tuple.
+    sampled_token_ids: tuple[int | tuple[int, ...] | None, ...]
     logprobs: tuple[TokenLogprobs | None, ...] | None = None
     errors: tuple[tuple[str, str], ...] = ()  # (request id, why): a row's constraint failed
 

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shoal.engine.block_pool import BlockPool
+from shoal.engine.config import SpeculativeConfig
 from shoal.engine.kv_cache_manager import KVCacheManager
 from shoal.engine.logits_process import ConstraintError, ProcessorFactory, default_processors
 from shoal.engine.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, StepOutput
 from shoal.engine.request import Request, RequestStatus
+from shoal.engine.spec_decode.ngram import NgramProposer
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class SchedulerConfig:
     num_state_slots: int = 0  # models with recurrent layers: one state slot per running request
     num_state_snapshots: int = 0  # of those models, states kept at block boundaries for prefix hits
     snapshot_interval: int = 512  # tokens between snapshots in a long prompt (rounded to blocks)
+    speculative: SpeculativeConfig | None = None  # n-gram drafts for decoding rows
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.prefill_budget_while_decoding < 1:
@@ -61,6 +64,10 @@ class SchedulerCounters:
     num_generation_tokens: int = 0
     num_computed_tokens: int = 0  # tokens run through the model, recompute included
     num_steps: int = 0  # steps that ran at least one token
+    num_spec_drafts: int = 0  # decode rows that carried draft tokens
+    num_spec_draft_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)  # drafts accepted at position i
 
 
 class Scheduler:
@@ -74,6 +81,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerCounters()
+        spec = config.speculative
+        self.proposer = (NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+                         if spec is not None else None)
+        if spec is not None:
+            self.stats.spec_accepted_per_pos = [0] * spec.num_speculative_tokens
         self._finished_ids: list[str] = []  # told to the runner at the next step
 
     @property
@@ -100,11 +112,17 @@ class Scheduler:
         prefill_budget = min(budget, self.config.prefill_budget_while_decoding) if decoding else budget
         scheduled: list[ScheduledRequest] = []
         preempted = False
+        speculating = (self.proposer is not None
+                       and len(self.running) < self.config.speculative.disable_by_batch_size)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._num_new_tokens(request, budget)
-            prefilling = num_new > 1  # a prompt chunk or a recompute: the prefill budget applies
+            drafts = self._propose(request, budget - 1) if speculating and num_new == 1 else ()
+            if drafts and not self.kv.allocate_slots(request, 1 + len(drafts)):
+                drafts = ()  # no room for them: decode plainly (and preempt if even that fails)
+            num_new += len(drafts)
+            prefilling = num_new > 1 and not drafts  # a prompt chunk or a recompute: the prefill budget applies
             if prefilling:
                 num_new = min(num_new, prefill_budget)
                 if num_new == 0:
@@ -117,7 +135,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled.append(self._scheduled(request, num_new))
+                scheduled.append(self._scheduled(request, num_new, drafts))
                 budget -= num_new
                 if prefilling:
                     prefill_budget -= num_new
@@ -158,6 +176,18 @@ class Scheduler:
         boundary = self.kv.next_boundary(request, start)  # recurrent models: end at a snapshot
         return num_new if boundary is None else min(num_new, boundary - start)
 
+    def _propose(self, request: Request, room: int) -> tuple[int, ...]:
+        """Draft tokens for a decoding row that samples plainly (no penalties, processors,
+        logprobs, logit_bias or stop strings: their per-token state stays exact without
+        speculation), bounded by the step budget, max_tokens and max_model_len."""
+        params = request.params
+        if (request.processors or params.uses_penalties or params.logprobs or params.logit_bias
+                or params.stop):
+            return ()
+        room = min(room, params.max_tokens - request.num_output_tokens - 1,
+                   self.config.max_model_len - request.num_tokens - 1)
+        return self.proposer.propose(request.all_token_ids, room) if room > 0 else ()
+
     def _preempt(self, request: Request) -> None:
         self.kv.free(request, preempted=True)
         request.status = RequestStatus.PREEMPTED
@@ -166,14 +196,15 @@ class Scheduler:
         self.stats.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _scheduled(self, request: Request, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledRequest:
         start = request.num_computed_tokens
-        end = start + num_new
+        end = start + num_new - len(drafts)  # drafts come after the known tokens
         params = request.params
         sample = end == request.num_tokens
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.token_slice(start, end),
+            token_ids=request.token_slice(start, end) + drafts,
+            num_draft_tokens=len(drafts),
             start_pos=start,
             block_ids=tuple(self.kv.block_ids(request.request_id)),
             sample=sample,
@@ -216,13 +247,35 @@ class Scheduler:
             # Aborted while the step ran, or a chunk that did not reach the end: nothing to emit.
             if request is None or request.status != RequestStatus.RUNNING or token is None:
                 continue
+            tokens = token if isinstance(token, tuple) else (token,)
+            if s.num_draft_tokens:
+                self._accept_drafts(request, s, len(tokens) - 1)
+            emitted = self._append(request, tokens)
+            outputs.append(StepOutput(request, emitted, (logprobs,) if logprobs else ()))
+        return outputs
+
+    def _append(self, request: Request, tokens: tuple[int, ...]) -> tuple[int, ...]:
+        """Append sampled tokens one by one, each checked for a stop; returns those kept."""
+        for n, token in enumerate(tokens, start=1):
             request.append_output_token(token)
             self.stats.num_generation_tokens += 1
             status = self._advance_processors(request, token) or self._check_stop(request, token)
             if status is not None:
                 self._finish(request, status)
-            outputs.append(StepOutput(request, (token,), (logprobs,) if logprobs else ()))
-        return outputs
+                return tokens[:n]
+        return tokens
+
+    def _accept_drafts(self, request: Request, s: ScheduledRequest, accepted: int) -> None:
+        """Roll back the rejected drafts: their positions are computed again later, and
+        blocks that hold only them go back to the pool (they were never cached)."""
+        stats = self.stats
+        stats.num_spec_drafts += 1
+        stats.num_spec_draft_tokens += s.num_draft_tokens
+        stats.num_spec_accepted_tokens += accepted
+        for i in range(accepted):
+            stats.spec_accepted_per_pos[i] += 1
+        request.num_computed_tokens -= s.num_draft_tokens - accepted
+        self.kv.trim(request, request.num_computed_tokens + 1)
 
     @staticmethod
     def _advance_processors(request: Request, token: int) -> RequestStatus | None:

@@ -62,6 +62,10 @@ class IterationStats:
     snapshot_hits: int = 0  # admissions of a hybrid model restored from a state snapshot
     snapshot_misses: int = 0  # admissions of a hybrid model that started from no state
     snapshot_evictions: int = 0  # snapshots dropped for room or with their block
+    spec_num_drafts: int = 0  # decode rows that carried draft tokens (speculative decoding)
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()  # drafts accepted at each draft position
     time_to_first_tokens: tuple[float, ...] = ()
     inter_token_latencies: tuple[float, ...] = ()
     finished: tuple[FinishedRequestStats, ...] = field(default=())
@@ -95,12 +99,14 @@ class StatsCollector:
 
     COUNTERS = ("num_prompt_tokens", "num_cached_prompt_tokens", "num_generation_tokens",
                 "num_preemptions")
+    SPEC_COUNTERS = ("num_spec_drafts", "num_spec_draft_tokens", "num_spec_accepted_tokens")
 
     def __init__(self):
         self.ttfts: list[float] = []
         self.itls: list[float] = []
         self.finished: list[FinishedRequestStats] = []
         self._last: tuple[int, ...] = (0,) * (len(self.COUNTERS) + 5)
+        self._last_spec: tuple[int, ...] = ()
 
     def _totals(self, scheduler) -> tuple[int, ...]:
         counters, kv = scheduler.stats, scheduler.kv
@@ -109,12 +115,22 @@ class StatsCollector:
 
     def start(self, scheduler) -> None:
         self._last = self._totals(scheduler)
+        self._last_spec = self._spec_totals(scheduler)
+
+    def _spec_totals(self, scheduler) -> tuple[int, ...]:
+        counters = scheduler.stats
+        return (*(getattr(counters, name) for name in self.SPEC_COUNTERS), *counters.spec_accepted_per_pos)
 
     def step(self, scheduler, num_batched_tokens: int) -> tuple[SchedulerStats, IterationStats]:
         totals = self._totals(scheduler)
         delta = [now - before for now, before in zip(totals, self._last)]
         self._last = totals
-        iteration = IterationStats(num_batched_tokens, *delta, time_to_first_tokens=tuple(self.ttfts),
+        spec = self._spec_totals(scheduler)
+        spec_delta = [now - before for now, before in zip(spec, self._last_spec)]
+        self._last_spec = spec
+        iteration = IterationStats(num_batched_tokens, *delta, *spec_delta[:3],
+                                   spec_accepted_per_pos=tuple(spec_delta[3:]),
+                                   time_to_first_tokens=tuple(self.ttfts),
                                    inter_token_latencies=tuple(self.itls), finished=tuple(self.finished))
         self.ttfts.clear()
         self.itls.clear()
@@ -138,6 +154,7 @@ class LoggingStatLogger:
     def _reset(self, now: float) -> None:
         self._since = now
         self._prompt = self._generation = self._queries = self._hits = self._finished = 0
+        self._drafted = self._accepted = 0
 
     def record(self, scheduler: SchedulerStats, iteration: IterationStats) -> None:
         self._prompt += iteration.num_prompt_tokens
@@ -145,6 +162,8 @@ class LoggingStatLogger:
         self._queries += iteration.prefix_cache_queries
         self._hits += iteration.prefix_cache_hits
         self._finished += len(iteration.finished)
+        self._drafted += iteration.spec_num_draft_tokens
+        self._accepted += iteration.spec_num_accepted_tokens
         now = self._clock()
         elapsed = now - self._since
         if elapsed < self.interval:
@@ -160,4 +179,5 @@ class LoggingStatLogger:
                 f"tokens/s, Avg generation throughput: {self._generation / elapsed:.1f} tokens/s, "
                 f"Running: {scheduler.num_running} reqs, Waiting: {scheduler.num_waiting} reqs, "
                 f"KV cache usage: {100.0 * scheduler.kv_cache_usage:.1f}%, "
-                f"Prefix cache hit rate: {hit_rate:.1f}%, Finished: {self._finished} reqs")
+                f"Prefix cache hit rate: {hit_rate:.1f}%, Finished: {self._finished} reqs"
+                + (f", Draft acceptance rate: {100.0 * self._accepted / self._drafted:.1f}%" if self._drafted else ""))

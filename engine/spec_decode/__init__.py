@@ -1,0 +1,1 @@
+"""Speculative decoding: draft proposers beside the scheduler (numpy only, no MLX)."""

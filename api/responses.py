@@ -12,7 +12,7 @@ compacts its history on it), as a 400 otherwise.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -29,6 +29,7 @@ from shoal.api.responses_protocol import (ResponsesRequest, chat_messages, input
                                           sampling_params, template_kwargs, text_format)
 from shoal.api.responses_tools import ResponseTools, ToolChoice, convert_tools, tool_choice
 from shoal.api.responses_writer import ResponseWriter
+from shoal.api.sampling import SamplingDefaults
 from shoal.api.serving import engine_failure, engine_unavailable, json_response, serve, start
 from shoal.api.sse import EventStreamResponse
 from shoal.api.state import ServerState, server_state
@@ -36,6 +37,7 @@ from shoal.api.structured import compiled
 from shoal.engine.structured_output import StructuredOutput
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
+Keep = Callable[[dict[str, Any]], None]  # what becomes of a finished response's body
 
 
 @router.post("/v1/responses")
@@ -68,34 +70,34 @@ async def create_response(request: Request) -> Response:
     params = sampling_params(req, len(prompt), max_model_len, server.sampling_defaults, structured)
     run = start(lambda: server.chat.start(prompt, [params], request_id, None, tools.chat_tools,
                                           choice.parse_tools), "input")
-    keep = (lambda body: store.put(body["id"], StoredResponse(body, (*items, *body["output"])))) \
-        if req.store else (lambda body: None)
+    keep = keeper(store, items) if req.store else (lambda body: None)
     return await serve(request, run, req.stream, events=lambda r: stream_events(r, writer, keep),
                        whole=lambda results: whole(results[0], writer, keep))
 
 
 @router.get("/v1/responses/{response_id}")
 async def get_response(request: Request, response_id: str) -> Response:
-    return json_response(stored(server_state(request).responses, response_id, "response_id").body)
+    return json_response(stored(server_state(request).responses, response_id).body)
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(request: Request, response_id: str) -> Response:
     store = server_state(request).responses
-    stored(store, response_id, "response_id")
+    stored(store, response_id)
     store.delete(response_id)
     return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
 
-def stored(store: ResponseStore, response_id: str, param: str) -> StoredResponse:
+def stored(store: ResponseStore, response_id: str) -> StoredResponse:
     found = store.get(response_id)
     if found is None:
-        raise APIError(400 if param == "previous_response_id" else 404,
-                       f"Previous response with id '{response_id}' not found (never stored, or evicted "
-                       f"from the last {store.max_size} kept; see --responses-store-size)."
-                       if param == "previous_response_id" else f"Response with id '{response_id}' not found.",
-                       param)
+        raise APIError(404, f"Response with id '{response_id}' not found.", "response_id")
     return found
+
+
+def keeper(store: ResponseStore, items: list[dict[str, Any]]) -> Keep:
+    """Stores a finished response with the conversation it ends, for previous_response_id."""
+    return lambda body: store.put(body["id"], StoredResponse(body, (*items, *body["output"])))
 
 
 def conversation(req: ResponsesRequest, store: ResponseStore) -> tuple[list[dict[str, Any]], int]:
@@ -104,8 +106,11 @@ def conversation(req: ResponsesRequest, store: ResponseStore) -> tuple[list[dict
     new = input_items(req.input)
     if req.previous_response_id is None:
         return new, 0
-    earlier = stored(store, req.previous_response_id, "previous_response_id").items
-    return [*earlier, *new], len(earlier)
+    found = store.get(req.previous_response_id)
+    if found is None:
+        raise bad_request(f"Previous response with id '{req.previous_response_id}' not found (never "
+                          f"stored, or evicted from the last {store.max_size} kept).", "previous_response_id")
+    return [*found.items, *new], len(found.items)
 
 
 def output_spec(req: ResponsesRequest, choice: ToolChoice, tools: ResponseTools, chat: ChatService,
@@ -122,7 +127,8 @@ def output_spec(req: ResponsesRequest, choice: ToolChoice, tools: ResponseTools,
     return found
 
 
-def response_base(req: ResponsesRequest, response_id: str, model: str, defaults: Any) -> dict[str, Any]:
+def response_base(req: ResponsesRequest, response_id: str, model: str,
+                  defaults: SamplingDefaults) -> dict[str, Any]:
     """The response object's fields that echo the request."""
     reasoning = req.reasoning or {}
     return {
@@ -149,7 +155,7 @@ async def _frames(frames: list[bytes]) -> AsyncGenerator[bytes, None]:
         yield frame
 
 
-async def stream_events(run: ChatRun, writer: ResponseWriter, keep: Any) -> AsyncGenerator[bytes, None]:
+async def stream_events(run: ChatRun, writer: ResponseWriter, keep: Keep) -> AsyncGenerator[bytes, None]:
     for frame in writer.start():
         yield frame
     async with aclosing(run.deltas()) as deltas:
@@ -168,7 +174,7 @@ async def stream_events(run: ChatRun, writer: ResponseWriter, keep: Any) -> Asyn
         keep(writer.final)
 
 
-def whole(result: ChatResult, writer: ResponseWriter, keep: Any) -> dict[str, Any]:
+def whole(result: ChatResult, writer: ResponseWriter, keep: Keep) -> dict[str, Any]:
     writer.segments(result.segments)
     writer.end(result.final, result.finish)
     if writer.final["status"] != "failed":

@@ -110,7 +110,8 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[in
         return ()
     out = []
     for key, value in bias.items():
-        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:  # not '²', '٣'
+        # Not '²' or '٣'; and the length first: int() refuses over 4,300 digits with a ValueError.
+        if not (key.isascii() and key.isdigit()) or len(key) > len(str(vocab_size)) or int(key) >= vocab_size:
             raise bad_request(f"logit_bias key {key!r} is not a token id in [0, {vocab_size}).",
                               "logit_bias")
         out.append((int(key), value))

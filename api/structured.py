@@ -14,6 +14,7 @@ is a 400 naming the field and the problem.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from shoal.engine.async_engine import AsyncEngine
 from shoal.engine.structured_output import StructuredOutput
 
 # Tool-call formats whose call is one JSON object between markers: (arguments key, newlines).
+JSON_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for response_format names
 JSON_CALL_FORMATS = {"json_tools": ("arguments", "\n"), "llama3_json": ("parameters", "")}
 VLLM_KEYS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 
@@ -60,6 +62,9 @@ def _response_format(value: Any) -> StructuredOutput | None:
         if not isinstance(inner, dict) or not isinstance(inner.get("schema", {}), (dict, bool)):
             raise bad_request("response_format.json_schema must be an object with a `schema`.",
                               "response_format.json_schema")
+        if not isinstance(inner.get("name"), str) or not JSON_SCHEMA_NAME.fullmatch(inner["name"]):
+            raise bad_request("Missing required parameter: 'response_format.json_schema.name' (1-64 letters, "
+                              "digits, '_' or '-').", "response_format.json_schema.name")
         # `strict` or not, the output is generated to match the schema exactly.
         return StructuredOutput.json_schema(inner.get("schema", {}))
     raise bad_request(f"response_format type {kind!r} is not one of text, json_object, json_schema.",

@@ -128,6 +128,10 @@ CASES = [
     Case("seed-past-int64", CHAT, chat(seed=2**64), param="seed"),
     Case("logit-bias-superscript-digit", CHAT, chat(logit_bias={"\u00b2": 1}), param="logit_bias"),
     Case("logit-bias-100-digit-key", CHAT, chat(logit_bias={"9" * 100: 1}), param="logit_bias"),
+    # Past Python's 4,300-digit limit int() raises ValueError (was a 500).
+    Case("logit-bias-5000-digit-key", CHAT, chat(logit_bias={"9" * 5000: 1}), param="logit_bias"),
+    Case("json-schema-without-name", CHAT, chat(response_format={"type": "json_schema", "json_schema": {}}),
+         param="response_format.json_schema.name"),
     Case("min-tokens-bans-every-token", COMPLETIONS,
          completion(min_tokens=1, stop_token_ids=list(range(TINY_VOCAB))), message="ban every token"),
     Case("stop-too-many", CHAT, chat(stop=[f"s{i}" for i in range(65)]), param="stop"),

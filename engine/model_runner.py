@@ -256,6 +256,12 @@ def num_state_snapshots(config: EngineConfig, state_bytes: int, slots_bytes: int
     return int((config.kv_cache_bytes - slots_bytes) * SNAPSHOT_SHARE) // state_bytes
 
 
+def _spans(rows) -> np.ndarray:
+    """Where each row's sampled positions start among all of them (its last position, and one
+    more per draft), with the total last."""
+    return np.cumsum([0] + [1 + r.num_draft_tokens for r in rows])
+
+
 def verify(row: ScheduledRequest, sampled: list[int]) -> int | tuple[int, ...]:
     """A row's token, or for a row with drafts the drafts its own samples agree with, then
     its sample at the first disagreement (or after the last draft). Drafts are deterministic,
@@ -392,14 +398,14 @@ class ModelRunner:
             mx.eval(logits, pending)
             return ModelRunnerOutput((None,) * len(rows))
         # A row with k drafts samples at each of its last 1 + k positions, as k + 1 rows.
-        positions = np.cumsum([0] + [1 + r.num_draft_tokens for r in rows])
-        sample_rows = [rows[i] for i in sample_idx for _ in range(1 + rows[i].num_draft_tokens)]
-        if len(sample_rows) < positions[-1]:  # decode steps sample every row: no copy then
-            logits = logits[mx.array(np.concatenate([np.arange(positions[i], positions[i + 1]) for i in sample_idx]))]
+        spans = _spans(rows)
+        sample_rows = [rows[i] for i in sample_idx for _ in range(spans[i], spans[i + 1])]
+        if len(sample_rows) < spans[-1]:  # decode steps sample every row: no copy then
+            logits = logits[mx.array(np.concatenate([np.arange(spans[i], spans[i + 1]) for i in sample_idx]))]
         mx.async_eval(logits, pending)  # the forward runs while the processors fill their masks
         bias, errors = step_bias(sample_rows, self.info.vocab_size)
         out = self.sampler(logits, sample_rows, bias)
-        firsts = np.cumsum([0] + [1 + rows[i].num_draft_tokens for i in sample_idx])[:-1]
+        firsts = _spans([rows[i] for i in sample_idx])[:-1]  # each sampling row's first sampled position
         tokens = [verify(rows[i], out.token_ids[f:f + 1 + rows[i].num_draft_tokens]) for i, f in zip(sample_idx, firsts)]
         logprobs = None if out.logprobs is None else self._align(rows, sample_idx, [out.logprobs[f] for f in firsts])
         return ModelRunnerOutput(self._align(rows, sample_idx, tokens), logprobs,
@@ -426,7 +432,7 @@ class ModelRunner:
             # then copies the whole pool (measured: seconds per step).
             mx.eval(parts[-1], self._pending())
         # Back to row order, each row's sampled positions together.
-        spans = np.cumsum([0] + [1 + r.num_draft_tokens for r in rows])
+        spans = _spans(rows)
         order = np.argsort(np.concatenate([np.arange(spans[i], spans[i + 1]) for g in groups for i in g]))
         return mx.concatenate(parts)[mx.array(order)]
 

@@ -119,8 +119,6 @@ class Scheduler:
             request = self.running[i]
             num_new = self._num_new_tokens(request, budget)
             drafts = self._propose(request, budget - 1) if speculating and num_new == 1 else ()
-            if drafts and not self.kv.allocate_slots(request, 1 + len(drafts)):
-                drafts = ()  # no room for them: decode plainly (and preempt if even that fails)
             num_new += len(drafts)
             prefilling = num_new > 1 and not drafts  # a prompt chunk or a recompute: the prefill budget applies
             if prefilling:
@@ -129,6 +127,9 @@ class Scheduler:
                     i += 1
                     continue
             while not self.kv.allocate_slots(request, num_new):
+                if drafts:  # no room for them: decode plainly, and preempt only if that fails too
+                    num_new, drafts = 1, ()
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -232,8 +233,9 @@ class Scheduler:
                            result: ModelRunnerOutput) -> list[StepOutput]:
         """Append sampled tokens, apply stop checks, free finished requests' blocks. A row
         whose constraint failed ends with its error (an output with no tokens)."""
-        self.kv.end_step({s.request_id for s in sched.scheduled
-                          if (r := self.requests.get(s.request_id)) is not None and r.status == RequestStatus.RUNNING})
+        if self.kv.snapshots is not None:
+            self.kv.end_step({s.request_id for s in sched.scheduled
+                              if (r := self.requests.get(s.request_id)) is not None and r.status == RequestStatus.RUNNING})
         outputs = []
         for request_id, why in result.errors:
             request = self.requests.get(request_id)

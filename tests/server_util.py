@@ -8,6 +8,7 @@ module shares the same session-scoped servers.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -133,6 +134,13 @@ def tiny_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
+def hermes_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The tiny model with the hermes tool-call parser (structured output, forced calls)."""
+    yield from serve([*tiny_args(tiny_model_dir), "--tool-call-parser", "hermes"],
+                     tmp_path_factory.mktemp("logs") / "hermes.log")
+
+
+@pytest.fixture(scope="session")
 def auth_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     keys = [arg for key in API_KEYS for arg in ("--api-key", key)]
     yield from serve([*tiny_args(tiny_model_dir), *keys], tmp_path_factory.mktemp("logs") / "auth.log")
@@ -166,3 +174,25 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     args = ["--kv-cache-memory", "256MiB", "--max-model-len", "2048",
             "--override-generation-config", '{"temperature": 0}']
     yield from serve(args, tmp_path_factory.mktemp("logs") / "smollm2.log")
+
+
+def npm_tool(package: str, version: str, binary: str, folder: str) -> Path:
+    """`binary` of npm `package`@`version`, installed once under Shoal's cache in `folder`;
+    asserts `binary --version` names exactly that version."""
+    cache = Path(os.environ.get("SHOAL_CACHE_DIR", Path.home() / ".cache" / "shoal")) / folder
+    path = cache / "node_modules" / ".bin" / binary
+    if not _npm_version_ok(path, version):
+        npm = shutil.which("npm")
+        assert npm, f"npm is needed to install {package} (apt-get install nodejs npm)"
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(cache), f"{package}@{version}"],
+                       check=True, timeout=900, stdout=subprocess.DEVNULL)
+    assert _npm_version_ok(path, version), f"{path} is not {package} {version}"
+    return path
+
+
+def _npm_version_ok(path: Path, version: str) -> bool:
+    if not path.exists():
+        return False
+    out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=60)
+    return out.returncode == 0 and version in out.stdout.split()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import jsonschema
 import openai
@@ -18,7 +16,7 @@ import pytest
 
 pytest.register_assert_rewrite("server_util", "responses_util")
 from responses_util import post_stream  # noqa: E402
-from server_util import Server, serve, tiny_args  # noqa: E402
+from server_util import Server  # noqa: E402
 
 pytest_plugins = ["server_util"]
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
@@ -39,12 +37,6 @@ DATE = {"type": "custom", "name": "date", "description": "A date.",
 class Person(pydantic.BaseModel):
     name: str = pydantic.Field(max_length=10)
     age: int = pydantic.Field(ge=0, le=130)
-
-
-@pytest.fixture(scope="module")
-def hermes_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from serve([*tiny_args(tiny_model_dir), "--tool-call-parser", "hermes"],
-                     tmp_path_factory.mktemp("logs") / "responses-hermes.log")
 
 
 @pytest.fixture(scope="module")

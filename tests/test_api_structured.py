@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import anthropic
 import httpx
@@ -18,7 +16,7 @@ import pydantic
 import pytest
 
 pytest.register_assert_rewrite("server_util")
-from server_util import Server, serve, tiny_args  # noqa: E402
+from server_util import Server  # noqa: E402
 
 pytest_plugins = ["server_util"]
 MSGS = [{"role": "user", "content": "Reply in JSON."}]
@@ -32,12 +30,6 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "maxLength": 10},
                          "age": {"type": "integer", "minimum": 0, "maximum": 130}}}
-
-
-@pytest.fixture(scope="module")
-def hermes_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from serve([*tiny_args(tiny_model_dir), "--tool-call-parser", "hermes"],
-                     tmp_path_factory.mktemp("logs") / "hermes.log")
 
 
 @pytest.fixture(scope="module")

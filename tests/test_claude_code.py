@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("server_util")
-from server_util import Server, metric  # noqa: E402
+from server_util import Server, metric, npm_tool  # noqa: E402
 
 pytest_plugins = ["server_util"]
 VERSION = "2.1.332"
@@ -25,24 +24,7 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def claude() -> Path:
-    cache = Path(os.environ.get("SHOAL_CACHE_DIR", Path.home() / ".cache" / "shoal")) / "claude-code"
-    binary = cache / "node_modules" / ".bin" / "claude"
-    if not _version_ok(binary):
-        npm = shutil.which("npm")
-        assert npm, "npm is needed to install Claude Code (apt-get install nodejs npm)"
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(cache),
-                        f"@anthropic-ai/claude-code@{VERSION}"], check=True, timeout=900,
-                       stdout=subprocess.DEVNULL)
-    assert _version_ok(binary), f"{binary} is not Claude Code {VERSION}"
-    return binary
-
-
-def _version_ok(binary: Path) -> bool:
-    if not binary.exists():
-        return False
-    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
-    return out.returncode == 0 and out.stdout.startswith(VERSION)
+    return npm_tool("@anthropic-ai/claude-code", VERSION, "claude", "claude-code")
 
 
 def run_claude(claude: Path, server: Server, tmp_path: Path, prompt: str) -> dict:

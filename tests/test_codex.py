@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import jsonschema
 import pytest
 
 pytest.register_assert_rewrite("server_util")
-from server_util import Server, metric, serve  # noqa: E402
+from server_util import Server, metric, npm_tool, serve  # noqa: E402
 
 pytest_plugins = ["server_util"]
 VERSION = "0.171.0"
@@ -46,23 +45,7 @@ request_max_retries = 0
 
 @pytest.fixture(scope="module")
 def codex() -> Path:
-    cache = Path(os.environ.get("SHOAL_CACHE_DIR", Path.home() / ".cache" / "shoal")) / "codex"
-    binary = cache / "node_modules" / ".bin" / "codex"
-    if not _version_ok(binary):
-        npm = shutil.which("npm")
-        assert npm, "npm is needed to install Codex (apt-get install nodejs npm)"
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(cache),
-                        f"@openai/codex@{VERSION}"], check=True, timeout=900, stdout=subprocess.DEVNULL)
-    assert _version_ok(binary), f"{binary} is not Codex {VERSION}"
-    return binary
-
-
-def _version_ok(binary: Path) -> bool:
-    if not binary.exists():
-        return False
-    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
-    return out.returncode == 0 and out.stdout.strip().endswith(VERSION)
+    return npm_tool("@openai/codex", VERSION, "codex", "codex")
 
 
 @pytest.fixture(scope="module")
